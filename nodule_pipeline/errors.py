@@ -1,0 +1,35 @@
+"""Errors that users see: each names the patient and the file it is about, and the reason."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class InputDataError(ValueError):
+    """Bad input data (a scan, an annotation file, a ROI table, a query) that cannot be used."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        patient_id: str | None = None,
+        path: Path | str | None = None,
+    ):
+        self.reason = reason
+        self.patient_id = patient_id
+        self.path = str(path) if path is not None else None
+        where = ": ".join(part for part in (patient_id, self.path) if part)
+        super().__init__(f"{where}: {reason}" if where else reason)
+
+
+def check_safe_key(key: str, what: str = "patient id") -> str:
+    """Refuse keys that could escape the data folder or break a file name (``../x``, ``a/b``)."""
+    if not _SAFE_KEY.match(key) or ".." in key:
+        raise InputDataError(
+            f"{what} {key!r} is not a safe name: use letters, digits, '.', '_' and '-' only, "
+            "starting with a letter or digit, without '..'"
+        )
+    return key

