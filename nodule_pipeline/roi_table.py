@@ -8,8 +8,6 @@ columns can be split, trained and evaluated on.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nodule_pipeline.errors import InputDataError
+from nodule_pipeline.storage import atomic_write
 
 ROI_SIZE = 32
 REQUIRED_COLUMNS = ("patient_id", "nodule_id", "label", "image")
@@ -99,19 +98,6 @@ def to_arrow(table: pd.DataFrame) -> pa.Table:
     image_array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(images, type=pa.float32()))
     rest = pa.Table.from_pandas(table.drop(columns=["image"]), preserve_index=False)
     return rest.append_column("image", image_array)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then rename into place: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_roi_table(table: pd.DataFrame, path: Path) -> None:

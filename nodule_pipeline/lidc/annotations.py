@@ -229,3 +229,49 @@ def cluster_annotations(
     groups = [list(np.flatnonzero(labels == label)) for label in range(labels.max() + 1)]
     groups.sort(key=lambda g: (np.mean([points[i][:, 2].mean() for i in g]), g[0]))
     return [[int(i) for i in g] for g in groups]
+
+
+def annotations_to_dict(series: SeriesAnnotations) -> dict:
+    """JSON-ready form, stored beside the volume so later stages use the validated reading."""
+    return {
+        "xml_path": str(series.xml_path) if series.xml_path else None,
+        "series_uid": series.series_uid,
+        "annotations": [
+            {
+                "annotation_id": a.annotation_id,
+                "reader": a.reader,
+                "reader_nodule_id": a.reader_nodule_id,
+                "characteristics": a.characteristics,
+                "contours": [
+                    {"z_mm": c.z_mm, "sop_uid": c.sop_uid, "inclusion": c.inclusion, "points": c.points.tolist()}
+                    for c in a.contours
+                ],
+            }
+            for a in series.annotations
+        ],
+    }
+
+
+def annotations_from_dict(data: dict) -> SeriesAnnotations:
+    return SeriesAnnotations(
+        xml_path=Path(data["xml_path"]) if data["xml_path"] else None,
+        series_uid=data["series_uid"],
+        annotations=tuple(
+            Annotation(
+                annotation_id=a["annotation_id"],
+                reader=a["reader"],
+                reader_nodule_id=a["reader_nodule_id"],
+                characteristics={k: int(v) for k, v in a["characteristics"].items()},
+                contours=tuple(
+                    Contour(
+                        z_mm=float(c["z_mm"]),
+                        sop_uid=c["sop_uid"],
+                        inclusion=bool(c["inclusion"]),
+                        points=np.asarray(c["points"], dtype=np.int32).reshape(-1, 2),
+                    )
+                    for c in a["contours"]
+                ),
+            )
+            for a in data["annotations"]
+        ),
+    )

@@ -6,6 +6,7 @@ mis-align crops when a slice is missing or duplicated (DESIGN.md section 7).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,13 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from nodule_pipeline.errors import InputDataError
-from nodule_pipeline.lidc.annotations import SeriesAnnotations, find_series_xml
+from nodule_pipeline.lidc.annotations import (
+    SeriesAnnotations,
+    annotations_from_dict,
+    annotations_to_dict,
+    find_series_xml,
+)
+from nodule_pipeline.storage import replace_dir
 
 Z_TOLERANCE_MM = 0.01
 """How far an annotation's imageZposition may sit from a slice's z and still be that slice."""
@@ -221,3 +228,49 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
         annotations=annotations,
         hu=hu,
     )
+
+
+def save_scan(series_list: list[CtSeries], folder: Path) -> None:
+    """Store a patient's series: one raw int16 ``.npy`` per volume (memory-mappable, no pickle)
+    and ``scan.json`` with geometry, provenance and the validated annotations."""
+
+    def fill(tmp: Path) -> None:
+        manifest = []
+        for series in series_list:
+            np.save(tmp / f"{series.series_uid}.npy", series.hu, allow_pickle=False)
+            manifest.append(
+                {
+                    "patient_id": series.patient_id,
+                    "study_uid": series.study_uid,
+                    "series_uid": series.series_uid,
+                    "folder": str(series.folder),
+                    "spacing_mm": list(series.spacing_mm),
+                    "slice_z_mm": series.slice_z_mm.tolist(),
+                    "origin_mm": list(series.origin_mm),
+                    "sop_uids": list(series.sop_uids),
+                    "annotations": annotations_to_dict(series.annotations),
+                }
+            )
+        (tmp / "scan.json").write_text(json.dumps({"format": 1, "series": manifest}))
+
+    replace_dir(folder, fill)
+
+
+def open_scan(folder: Path) -> list[CtSeries]:
+    """Load what :func:`save_scan` stored; volumes are memory-mapped, not copied."""
+    manifest = json.loads((folder / "scan.json").read_text())
+    return [
+        CtSeries(
+            patient_id=item["patient_id"],
+            study_uid=item["study_uid"],
+            series_uid=item["series_uid"],
+            folder=Path(item["folder"]),
+            spacing_mm=tuple(item["spacing_mm"]),
+            slice_z_mm=np.asarray(item["slice_z_mm"], dtype=float),
+            origin_mm=tuple(item["origin_mm"]),
+            sop_uids=tuple(item["sop_uids"]),
+            annotations=annotations_from_dict(item["annotations"]),
+            hu=np.load(folder / f"{item['series_uid']}.npy", mmap_mode="r"),
+        )
+        for item in manifest["series"]
+    ]

@@ -1,0 +1,31 @@
+# Each target builds its own virtual environment from the project's files alone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= data
+DEMO_PATIENTS ?= 24
+
+.PHONY: demo ui test lint venv clean-data
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: venv  ## generate the demo data if absent, materialize every asset, print a summary
+	$(BIN)/nodule-pipeline demo --data-dir $(DATA_DIR) --patients $(DEMO_PATIENTS)
+
+ui: venv  ## the Dagster UI on the same instance (http://127.0.0.1:3000)
+	$(BIN)/nodule-pipeline ui --data-dir $(DATA_DIR)
+
+test: venv  ## the whole test suite
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check nodule_pipeline nodule_pipeline_tests benchmarks
+	$(BIN)/ruff format --check nodule_pipeline nodule_pipeline_tests benchmarks
+
+clean-data:
+	rm -rf $(DATA_DIR)/artefacts $(DATA_DIR)/dagster $(DATA_DIR)/settings.json

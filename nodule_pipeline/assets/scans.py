@@ -1,0 +1,38 @@
+"""``lidc_scan``: a patient's CT series found, validated and loaded as HU volumes."""
+
+from __future__ import annotations
+
+import time
+
+from dagster import AssetExecutionContext, MetadataValue, asset
+
+from nodule_pipeline.lidc.series import CtSeries, load_series
+from nodule_pipeline.partitions import patients_partitions
+from nodule_pipeline.pictures import markdown_image, mask_overlay
+from nodule_pipeline.resources import ScanSource
+
+
+@asset(partitions_def=patients_partitions, group_name="ingestion", code_version="1", kinds={"dicom", "numpy"})
+def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[CtSeries]:
+    """Every CT series of the patient (TCIA layout) with its LIDC XML annotations, validated:
+    readable slices, one series per folder, no missing or duplicate slices, annotations on
+    slices of the series. Stored as raw int16 volumes, memory-mapped downstream."""
+    patient_id = context.partition_key
+    started = time.perf_counter()
+    series_list = [load_series(folder, patient_id) for folder in scan_source.series_folders(patient_id)]
+    middle = series_list[0].hu[:, :, series_list[0].hu.shape[2] // 2]
+    context.add_output_metadata(
+        {
+            "series": len(series_list),
+            "slices": sum(s.shape[2] for s in series_list),
+            "shape": MetadataValue.json({s.series_uid: list(s.shape) for s in series_list}),
+            "spacing_mm": MetadataValue.json({s.series_uid: list(s.spacing_mm) for s in series_list}),
+            "annotations": sum(len(s.annotations.annotations) for s in series_list),
+            "annotation_files": MetadataValue.json([str(s.annotations.xml_path) for s in series_list]),
+            "volume_mb": round(sum(s.hu.nbytes for s in series_list) / 2**20, 1),
+            "source": MetadataValue.path(str(scan_source.patient_dir(patient_id))),
+            "seconds": round(time.perf_counter() - started, 2),
+            "middle_slice": MetadataValue.md(markdown_image(mask_overlay(middle, middle < -10000), "middle slice")),
+        }
+    )
+    return series_list

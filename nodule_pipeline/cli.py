@@ -1,0 +1,147 @@
+"""``nodule-pipeline``: the user-facing command (demo data, runs, exports, the UI)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from nodule_pipeline.errors import InputDataError
+
+DEFAULT_DEMO_PATIENTS = 24
+
+
+def _print_summary(summary, data_dir: Path) -> None:
+    ok = [o for o in summary.outcomes if o.ok]
+    print()
+    print(f"patients: {len(ok)} ok, {len(summary.failed)} failed")
+    print(
+        f"ROIs: {sum(o.metadata.get('kept', 0) for o in ok)} kept "
+        f"({sum(o.metadata.get('benign', 0) for o in ok)} benign, "
+        f"{sum(o.metadata.get('malignant', 0) for o in ok)} malignant), "
+        f"{sum(o.metadata.get('dropped_indeterminate', 0) for o in ok)} rated 3 dropped"
+    )
+    meta = summary.dataset_metadata
+    if meta:
+        sides = {key: value for key, value in meta.items() if key.startswith(("train_", "test_"))}
+        print(
+            f"roi_dataset: {meta.get('rows')} rows, {meta.get('patients')} patients, split {meta.get('split_mode')}: "
+            + ", ".join(f"{key}={value}" for key, value in sorted(sides.items()))
+        )
+    for outcome in summary.failed:
+        print(f"FAILED {outcome.patient_id}: {outcome.error}")
+    print(f"instance and artefacts: {data_dir}  (open the UI: nodule-pipeline ui --data-dir {data_dir})")
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from nodule_pipeline.lidc.demo_data import generate_demo_dataset
+
+    count = None if args.all else args.patients
+    started = time.perf_counter()
+
+    def progress(done: int, total: int, patient_id: str) -> None:
+        print(f"[{done}/{total}] {patient_id}", flush=True)
+
+    patients = generate_demo_dataset(Path(args.out), count, seed=args.seed, progress=progress)
+    print(f"{len(patients)} demo patients in {args.out} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nodule_pipeline.runner import run_pipeline
+
+    data_dir = Path(args.data_dir).resolve()
+    summary = run_pipeline(Path(args.lidc_root), data_dir, args.patients, progress=lambda line: print(line, flush=True))
+    _print_summary(summary, data_dir)
+    return 1 if summary.failed or summary.dataset_ok is False else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate the demo scans if absent, then run everything on them."""
+    lidc_root = Path(args.data_dir) / "lidc"
+    args.out, args.all = str(lidc_root), False
+    cmd_demo_data(args)
+    args.lidc_root, args.patients = str(lidc_root), None
+    return cmd_run(args)
+
+
+def cmd_export_rois(args: argparse.Namespace) -> int:
+    from nodule_pipeline.resources import artefact_folder, artefacts_dir
+    from nodule_pipeline.roi_table import read_roi_table, write_roi_table
+
+    source = artefact_folder(artefacts_dir(Path(args.data_dir).resolve()), ["roi_dataset"]) / "rois.parquet"
+    if not source.exists():
+        raise InputDataError("roi_dataset is not materialized yet (run `nodule-pipeline run` first)", path=source)
+    table = read_roi_table(source)
+    write_roi_table(table, Path(args.out))
+    print(f"{len(table)} ROIs of {table['patient_id'].nunique()} patients written to {args.out}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the Dagster UI on the instance and artefacts under ``--data-dir`` (127.0.0.1 only)."""
+    from nodule_pipeline.resources import DATA_DIR_ENV
+
+    data_dir = Path(args.data_dir).resolve()
+    (data_dir / "dagster").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DAGSTER_HOME": str(data_dir / "dagster"), DATA_DIR_ENV: str(data_dir)}
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    command = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port)]
+    command += ["-w", str(workspace)] if workspace.exists() else ["-m", "nodule_pipeline.definitions"]
+    os.execvpe(command[0], command, env)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nodule-pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo_data = commands.add_parser(
+        "demo-data", help="generate the embedded demo data set (synthetic CT, real LIDC annotations)"
+    )
+    demo_data.add_argument(
+        "--patients", type=int, default=DEFAULT_DEMO_PATIENTS, help="number of patients (default %(default)s)"
+    )
+    demo_data.add_argument("--all", action="store_true", help="all 1018 LIDC scans (full size, ~130 GB)")
+    demo_data.add_argument("--out", default="data/lidc", help="scan root to write (default %(default)s)")
+    demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.set_defaults(func=cmd_demo_data)
+
+    run = commands.add_parser("run", help="materialize the chain for the patients under a scan root")
+    run.add_argument("--lidc-root", required=True, help="scan root in TCIA layout")
+    run.add_argument("--data-dir", default="data", help="instance and artefacts (default %(default)s)")
+    run.add_argument("--patients", nargs="+", help="only these patient ids")
+    run.set_defaults(func=cmd_run)
+
+    demo = commands.add_parser("demo", help="generate the demo data if absent and run everything on it")
+    demo.add_argument("--data-dir", default="data")
+    demo.add_argument("--patients", type=int, default=DEFAULT_DEMO_PATIENTS)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    export = commands.add_parser("export-rois", help="write the materialized roi_dataset as a ROI table")
+    export.add_argument("--data-dir", default="data")
+    export.add_argument("--out", required=True, help="parquet file to write")
+    export.set_defaults(func=cmd_export_rois)
+
+    ui = commands.add_parser("ui", help="open the Dagster UI on a data dir")
+    ui.add_argument("--data-dir", default="data")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

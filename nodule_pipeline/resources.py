@@ -1,0 +1,130 @@
+"""Configurable resources: where scans live and where artefacts go.
+
+Both read their defaults from the environment (``NODULE_PIPELINE_DATA_DIR``,
+``NODULE_PIPELINE_LIDC_ROOT``) so the CLI, ``dagster dev`` and tests point at the same folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
+
+from nodule_pipeline.errors import InputDataError, check_safe_key
+from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
+from nodule_pipeline.lidc.series import CtSeries, find_series_folders, open_scan, save_scan
+from nodule_pipeline.roi_table import read_roi_table, write_roi_table
+from nodule_pipeline.storage import atomic_write
+
+DATA_DIR_ENV = "NODULE_PIPELINE_DATA_DIR"
+LIDC_ROOT_ENV = "NODULE_PIPELINE_LIDC_ROOT"
+SETTINGS_FILE = "settings.json"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV, "data")).resolve()
+
+
+def default_lidc_root(data_dir: Path) -> Path:
+    """The scan root: the environment, else what ``nodule-pipeline run`` recorded, else data/lidc."""
+    if os.environ.get(LIDC_ROOT_ENV):
+        return Path(os.environ[LIDC_ROOT_ENV]).resolve()
+    settings = data_dir / SETTINGS_FILE
+    if settings.exists():
+        return Path(json.loads(settings.read_text())["lidc_root"])
+    return data_dir / "lidc"
+
+
+def remember_lidc_root(data_dir: Path, lidc_root: Path) -> None:
+    """Record the scan root beside the instance so ``make ui`` on that data dir finds the scans."""
+    payload = json.dumps({"lidc_root": str(lidc_root.resolve())}, indent=2)
+    atomic_write(data_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(payload))
+
+
+def artefact_folder(base_dir: Path, asset_path: list[str], partition_key: str | None = None) -> Path:
+    """Where an asset (partition) is stored: ``<base>/<asset>[/<partition>]``, keys checked safe."""
+    folder = base_dir.joinpath(*asset_path)
+    return folder / check_safe_key(partition_key, "partition key") if partition_key is not None else folder
+
+
+def artefacts_dir(data_dir: Path) -> Path:
+    return data_dir / "artefacts"
+
+
+class ScanSource(ConfigurableResource):
+    """LIDC scans in TCIA layout: ``<root>/<patient_id>/<study_uid>/<series_uid>/*.dcm`` + XML."""
+
+    root: str
+
+    def patient_dir(self, patient_id: str) -> Path:
+        return Path(self.root) / check_safe_key(patient_id)
+
+    def series_folders(self, patient_id: str) -> list[Path]:
+        return find_series_folders(self.patient_dir(patient_id), patient_id)
+
+    def list_patients(self) -> list[str]:
+        """Patient folders under the root that hold DICOM files (sorted)."""
+        root = Path(self.root)
+        if not root.is_dir():
+            raise InputDataError("scan root folder not found", path=root)
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and next(p.rglob("*.dcm"), None) is not None)
+
+
+class ArtefactIOManager(ConfigurableIOManager):
+    """Stores each asset (partition) in its own folder under ``base_dir`` in a compact format:
+    scans as raw int16 ``.npy`` + JSON, masks bit-packed, ROI tables as parquet. Writes are
+    atomic, so a failed run never damages what an earlier run stored."""
+
+    base_dir: str
+
+    def _folder(self, asset_path: list[str], partition_key: str | None) -> Path:
+        return artefact_folder(Path(self.base_dir), asset_path, partition_key)
+
+    def handle_output(self, context: OutputContext, obj: object) -> None:
+        partition = context.partition_key if context.has_asset_partitions else None
+        folder = self._folder(context.asset_key.path, partition)
+        if isinstance(obj, pd.DataFrame):
+            write_roi_table(obj, folder / "rois.parquet")
+        elif isinstance(obj, list) and all(isinstance(s, CtSeries) for s in obj):
+            save_scan(obj, folder)
+        elif isinstance(obj, dict) and all(isinstance(m, np.ndarray) and m.dtype == bool for m in obj.values()):
+            packed = {uid: pack_mask(mask) for uid, mask in obj.items()}
+            shapes = {uid: list(mask.shape) for uid, mask in obj.items()}
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, **packed, __shapes__=np.array(json.dumps(shapes)))
+
+            atomic_write(folder / "masks.npz", write)
+        else:
+            raise TypeError(f"{context.asset_key.to_user_string()}: cannot store a {type(obj).__name__}")
+
+    def _load(self, folder: Path) -> object:
+        if (folder / "rois.parquet").exists():
+            return read_roi_table(folder / "rois.parquet")
+        if (folder / "scan.json").exists():
+            return open_scan(folder)
+        if (folder / "masks.npz").exists():
+            with np.load(folder / "masks.npz") as stored:
+                shapes = json.loads(str(stored["__shapes__"]))
+                return {uid: unpack_mask(stored[uid], tuple(shape)) for uid, shape in shapes.items()}
+        raise FileNotFoundError(f"no stored artefact in {folder}")
+
+    def load_input(self, context: InputContext) -> object:
+        asset_path = context.asset_key.path
+        if not context.has_asset_partitions:
+            return self._load(self._folder(asset_path, None))
+        if context.has_partition_key:  # a per-patient step reading the same patient upstream
+            return self._load(self._folder(asset_path, context.asset_partition_key))
+        loaded = {}
+        for key in context.asset_partition_keys:
+            folder = self._folder(asset_path, key)
+            if folder.exists():
+                loaded[key] = self._load(folder)
+            else:
+                context.log.warning(f"{context.asset_key.to_user_string()}[{key}] has no stored result; skipped")
+        return loaded
