@@ -55,6 +55,19 @@ def artefacts_dir(data_dir: Path) -> Path:
     return data_dir / "artefacts"
 
 
+def load_artefact(folder: Path) -> object:
+    """Read back whatever :class:`ArtefactIOManager` stored in ``folder``."""
+    if (folder / "rois.parquet").exists():
+        return read_roi_table(folder / "rois.parquet")
+    if (folder / "scan.json").exists():
+        return open_scan(folder)
+    if (folder / "masks.npz").exists():
+        with np.load(folder / "masks.npz") as stored:
+            shapes = json.loads(str(stored["__shapes__"]))
+            return {uid: unpack_mask(stored[uid], tuple(shape)) for uid, shape in shapes.items()}
+    raise FileNotFoundError(f"no stored artefact in {folder}")
+
+
 class ScanSource(ConfigurableResource):
     """LIDC scans in TCIA layout: ``<root>/<patient_id>/<study_uid>/<series_uid>/*.dcm`` + XML."""
 
@@ -103,28 +116,17 @@ class ArtefactIOManager(ConfigurableIOManager):
         else:
             raise TypeError(f"{context.asset_key.to_user_string()}: cannot store a {type(obj).__name__}")
 
-    def _load(self, folder: Path) -> object:
-        if (folder / "rois.parquet").exists():
-            return read_roi_table(folder / "rois.parquet")
-        if (folder / "scan.json").exists():
-            return open_scan(folder)
-        if (folder / "masks.npz").exists():
-            with np.load(folder / "masks.npz") as stored:
-                shapes = json.loads(str(stored["__shapes__"]))
-                return {uid: unpack_mask(stored[uid], tuple(shape)) for uid, shape in shapes.items()}
-        raise FileNotFoundError(f"no stored artefact in {folder}")
-
     def load_input(self, context: InputContext) -> object:
         asset_path = context.asset_key.path
         if not context.has_asset_partitions:
-            return self._load(self._folder(asset_path, None))
+            return load_artefact(self._folder(asset_path, None))
         if context.has_partition_key:  # a per-patient step reading the same patient upstream
-            return self._load(self._folder(asset_path, context.asset_partition_key))
+            return load_artefact(self._folder(asset_path, context.asset_partition_key))
         loaded = {}
         for key in context.asset_partition_keys:
             folder = self._folder(asset_path, key)
             if folder.exists():
-                loaded[key] = self._load(folder)
+                loaded[key] = load_artefact(folder)
             else:
                 context.log.warning(f"{context.asset_key.to_user_string()}[{key}] has no stored result; skipped")
         return loaded

