@@ -1,7 +1,5 @@
 """``roi_dataset``: all patients' ROIs (or an external ROI table) with a leak-free split."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Literal
 

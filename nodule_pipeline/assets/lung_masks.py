@@ -1,7 +1,5 @@
 """``lung_mask``: lung parenchyma per series, bit-packed, with its volume and a thumbnail."""
 
-from __future__ import annotations
-
 import time
 
 import numpy as np

@@ -1,7 +1,5 @@
 """``nodule_rois``: one 32x32 ROI per reader annotation with malignancy != 3."""
 
-from __future__ import annotations
-
 import numpy as np
 import pandas as pd
 from dagster import AssetExecutionContext, Config, MetadataValue, asset

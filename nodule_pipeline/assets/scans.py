@@ -1,7 +1,5 @@
 """``lidc_scan``: a patient's CT series found, validated and loaded as HU volumes."""
 
-from __future__ import annotations
-
 import time
 
 from dagster import AssetExecutionContext, MetadataValue, asset
