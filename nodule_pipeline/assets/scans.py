@@ -14,7 +14,7 @@ from nodule_pipeline.resources import ScanSource
 def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[CtSeries]:
     """Every CT series of the patient (TCIA layout) with its LIDC XML annotations, validated:
     readable slices, one series per folder, no missing or duplicate slices, annotations on
-    slices of the series. Stored as raw int16 volumes, memory-mapped downstream."""
+    slices of the series. Stored as zstd-compressed int16 volumes plus JSON."""
     patient_id = context.partition_key
     started = time.perf_counter()
     series_list = [load_series(folder, patient_id) for folder in scan_source.series_folders(patient_id)]

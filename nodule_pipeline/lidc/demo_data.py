@@ -90,7 +90,8 @@ def select_demo_patients(n: int | None) -> list[str]:
     """Deterministically choose ``n`` LIDC patient ids for the demo set (``None``: all).
 
     Small on disk and useful for training: patients with at most ``MAX_DEMO_SLICES`` slices and
-    at least one annotation with malignancy != 3 come first, fewest slices first; a greedy step
+    at least one annotation with malignancy != 3 come first, fewest slices per such annotation
+    first (most ROIs per byte of disk); a greedy step
     keeps the running counts of benign (1-2) and malignant (4-5) annotations balanced: of the
     next few patients in slice-count order it takes the one that leaves the counts closest.
     ``select_demo_patients(n)`` is a prefix of ``select_demo_patients(n + 1)``, so growing the
@@ -123,7 +124,10 @@ def select_demo_patients(n: int | None) -> list[str]:
             return 0
         return 1 if useful else 2
 
-    remaining = sorted(patients, key=lambda pid: (tier(pid), slices[pid], pid))
+    def slices_per_roi(pid: str) -> float:
+        return slices[pid] / max(benign[pid] + malignant[pid], 1)
+
+    remaining = sorted(patients, key=lambda pid: (tier(pid), slices_per_roi(pid), slices[pid], pid))
     chosen: list[str] = []
     imbalance = 0  # benign minus malignant annotations chosen so far
     while remaining and len(chosen) < n:
@@ -132,7 +136,7 @@ def select_demo_patients(n: int | None) -> list[str]:
         pick = min(
             window,
             key=lambda pid: abs(imbalance + benign[pid] - malignant[pid]),
-        )  # min() keeps the first (fewest slices) among equally balancing candidates
+        )  # min() keeps the first (fewest slices per ROI) among equally balancing candidates
         remaining.remove(pick)
         chosen.append(pick)
         imbalance += benign[pick] - malignant[pick]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import zstandard
 from pydicom.errors import InvalidDicomError
 
 from nodule_pipeline.errors import InputDataError
@@ -23,6 +24,9 @@ from nodule_pipeline.lidc.annotations import (
     find_series_xml,
 )
 from nodule_pipeline.storage import replace_dir
+
+VOLUME_ZSTD_LEVEL = 1
+"""Fast zstd: CT volumes shrink ~1.7-1.9x at ~250 MB/s on one core."""
 
 Z_TOLERANCE_MM = 0.01
 """How far an annotation's imageZposition may sit from a slice's z and still be that slice."""
@@ -231,18 +235,21 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
 
 
 def save_scan(series_list: list[CtSeries], folder: Path) -> None:
-    """Store a patient's series: one raw int16 ``.npy`` per volume (memory-mappable, no pickle)
-    and ``scan.json`` with geometry, provenance and the validated annotations."""
+    """Store a patient's series: each int16 volume zstd-compressed (about half the DICOM size,
+    a fraction of a second per scan, no pickle) and ``scan.json`` with shape, geometry,
+    provenance and the validated annotations."""
 
     def fill(tmp: Path) -> None:
         manifest = []
         for series in series_list:
-            np.save(tmp / f"{series.series_uid}.npy", series.hu, allow_pickle=False)
+            compressed = zstandard.ZstdCompressor(level=VOLUME_ZSTD_LEVEL).compress(np.ascontiguousarray(series.hu))
+            (tmp / f"{series.series_uid}.hu.zst").write_bytes(compressed)
             manifest.append(
                 {
                     "patient_id": series.patient_id,
                     "study_uid": series.study_uid,
                     "series_uid": series.series_uid,
+                    "shape": list(series.hu.shape),
                     "folder": str(series.folder),
                     "spacing_mm": list(series.spacing_mm),
                     "slice_z_mm": series.slice_z_mm.tolist(),
@@ -256,8 +263,13 @@ def save_scan(series_list: list[CtSeries], folder: Path) -> None:
     replace_dir(folder, fill)
 
 
+def _read_volume(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+    return np.frombuffer(raw, dtype=np.int16).reshape(shape)
+
+
 def open_scan(folder: Path) -> list[CtSeries]:
-    """Load what :func:`save_scan` stored; volumes are memory-mapped, not copied."""
+    """Load what :func:`save_scan` stored (volumes decompressed straight into read-only arrays)."""
     manifest = json.loads((folder / "scan.json").read_text())
     return [
         CtSeries(
@@ -270,7 +282,7 @@ def open_scan(folder: Path) -> list[CtSeries]:
             origin_mm=tuple(item["origin_mm"]),
             sop_uids=tuple(item["sop_uids"]),
             annotations=annotations_from_dict(item["annotations"]),
-            hu=np.load(folder / f"{item['series_uid']}.npy", mmap_mode="r"),
+            hu=_read_volume(folder / f"{item['series_uid']}.hu.zst", tuple(item["shape"])),
         )
         for item in manifest["series"]
     ]
