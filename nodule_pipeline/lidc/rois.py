@@ -90,6 +90,23 @@ def crop(image: np.ndarray, centre: tuple[int, int], size: int, fill: float) -> 
     return out
 
 
+def roi_at(
+    hu: np.ndarray,
+    lung_mask: np.ndarray,
+    centre: tuple[int, int, int],
+    nodule_slice_mask: np.ndarray | None = None,
+    settings: RoiSettings = RoiSettings(),
+) -> np.ndarray:
+    """The ROI centred on voxel ``centre`` = (row, col, slice): the one crop rule shared by
+    ingestion and by queries, so a query nodule is cut exactly as the database was."""
+    i, j, k = centre
+    slice_hu = hu[:, :, k]
+    if settings.mask_outside_lung:
+        keep = lung_mask[:, :, k] if nodule_slice_mask is None else lung_mask[:, :, k] | nodule_slice_mask
+        slice_hu = np.where(keep, slice_hu, AIR_HU)
+    return crop(slice_hu, (i, j), settings.size, AIR_HU)
+
+
 def _diameter_mm(annotation: Annotation, spacing_mm: tuple[float, float, float]) -> float:
     """Largest in-plane distance between outline points on any slice (pylidc's diameter)."""
     scale = np.array(spacing_mm[:2])
@@ -131,13 +148,9 @@ def extract_rois(
                 continue
             masks = annotation_mask_slices(annotation, series.slice_z_mm, plane)
             i, j, k = nodule_centre(masks)
-            slice_hu = series.hu[:, :, k]
             nodule_here = masks.get(k, np.zeros(plane, dtype=bool))
             lung_here = lung_mask[:, :, k]
-            if settings.mask_outside_lung:
-                keep = lung_here | nodule_here
-                slice_hu = np.where(keep, slice_hu, AIR_HU)
-            image = crop(slice_hu, (i, j), settings.size, AIR_HU)
+            image = roi_at(series.hu, lung_mask, (i, j, k), nodule_here, settings)
             nodule_pixels = max(int(nodule_here.sum()), 1)
             rows.append(
                 {

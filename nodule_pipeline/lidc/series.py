@@ -51,6 +51,25 @@ class CtSeries:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.hu.shape)  # type: ignore[return-value]
 
+    def check_voxel(self, voxel: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The voxel itself if it lies in the volume, else a clear error naming the series."""
+        if len(voxel) != 3 or not all(0 <= int(v) < n for v, n in zip(voxel, self.shape)):
+            raise InputDataError(
+                f"position {tuple(voxel)} (row, col, slice) is outside the volume of shape {self.shape}",
+                patient_id=self.patient_id,
+                path=self.folder,
+            )
+        return int(voxel[0]), int(voxel[1]), int(voxel[2])
+
+    def voxel_at_mm(self, x_mm: float, y_mm: float, z_mm: float) -> tuple[int, int, int]:
+        """Patient coordinates (mm, axial DICOM frame) to the nearest (row, col, slice) voxel."""
+        row = round((y_mm - self.origin_mm[1]) / self.spacing_mm[0])
+        col = round((x_mm - self.origin_mm[0]) / self.spacing_mm[1])
+        nearest = int(np.abs(self.slice_z_mm - z_mm).argmin())
+        if abs(self.slice_z_mm[nearest] - z_mm) > self.spacing_mm[2]:
+            nearest = -1
+        return self.check_voxel((row, col, nearest))
+
 
 def find_series_folders(patient_dir: Path, patient_id: str) -> list[Path]:
     """Every folder under a patient that holds DICOM files (one per series in TCIA layout)."""
