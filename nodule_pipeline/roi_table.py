@@ -63,7 +63,7 @@ def validate_roi_table(table: pd.DataFrame, source: str | Path = "ROI table") ->
     bad = labels.isna() | ~labels.isin([0, 1])
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputDataError(f"row {row}: label {table['label'].iloc[row]!r} is not 0 or 1", path=source)
+        raise InputDataError(f"row {row}: label {table['label'].iloc[row]} is not 0 or 1", path=source)
     images = []
     for row, value in enumerate(table["image"]):
         image = np.asarray(value, dtype=np.float32).reshape(-1)
