@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from nodule_pipeline.errors import InputDataError
 
 DEFAULT_DEMO_PATIENTS = 24
@@ -23,12 +25,25 @@ def _print_summary(summary, data_dir: Path) -> None:
         f"{sum(o.metadata.get('malignant', 0) for o in ok)} malignant), "
         f"{sum(o.metadata.get('dropped_indeterminate', 0) for o in ok)} rated 3 dropped"
     )
-    meta = summary.dataset_metadata
-    if meta:
-        sides = {key: value for key, value in meta.items() if key.startswith(("train_", "test_"))}
+    dataset = summary.library_metadata.get("roi_dataset", {})
+    if dataset:
+        sides = {key: value for key, value in dataset.items() if key.startswith(("train_", "test_"))}
         print(
-            f"roi_dataset: {meta.get('rows')} rows, {meta.get('patients')} patients, split {meta.get('split_mode')}: "
-            + ", ".join(f"{key}={value}" for key, value in sorted(sides.items()))
+            f"roi_dataset: {dataset.get('rows')} rows, {dataset.get('patients')} patients, "
+            f"split {dataset.get('split_mode')}: " + ", ".join(f"{key}={value}" for key, value in sorted(sides.items()))
+        )
+    model = summary.library_metadata.get("hash_model", {})
+    if model:
+        print(
+            f"hash_model {model.get('model_version')}: test accuracy {model.get('test_accuracy', float('nan')):.3f}, "
+            f"recall {model.get('test_recall', float('nan')):.3f}, F1 {model.get('test_f1', float('nan')):.3f} "
+            f"({model.get('device')}, {model.get('images_per_s')} images/s, {model.get('seconds')} s)"
+        )
+    index = summary.library_metadata.get("hash_index", {})
+    if index:
+        print(
+            f"hash_index {index.get('index_version')}: {index.get('items')} nodule ROIs, {index.get('bits')} bits, "
+            f"{index.get('bytes_per_item')} bytes per item"
         )
     for outcome in summary.failed:
         print(f"FAILED {outcome.patient_id}: {outcome.error}")
@@ -53,9 +68,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodule_pipeline.runner import run_pipeline
 
     data_dir = Path(args.data_dir).resolve()
-    summary = run_pipeline(Path(args.lidc_root), data_dir, args.patients, progress=lambda line: print(line, flush=True))
+    training = {key: value for key, value in (("epochs", args.epochs), ("bits", args.bits)) if value is not None}
+    library_config = {"ops": {"hash_model": {"config": training}}} if training else None
+    summary = run_pipeline(
+        Path(args.lidc_root),
+        data_dir,
+        args.patients,
+        progress=lambda line: print(line, flush=True),
+        library_config=library_config,
+    )
     _print_summary(summary, data_dir)
-    return 1 if summary.failed or summary.dataset_ok is False else 0
+    return 1 if summary.failed or summary.library_ok is False else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -68,8 +91,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export_rois(args: argparse.Namespace) -> int:
-    from nodule_pipeline.resources import artefact_folder, artefacts_dir
     from nodule_pipeline.roi_table import read_roi_table, write_roi_table
+    from nodule_pipeline.storage import artefact_folder, artefacts_dir
 
     source = artefact_folder(artefacts_dir(Path(args.data_dir).resolve()), ["roi_dataset"]) / "rois.parquet"
     if not source.exists():
@@ -77,6 +100,54 @@ def cmd_export_rois(args: argparse.Namespace) -> int:
     table = read_roi_table(source)
     write_roi_table(table, Path(args.out))
     print(f"{len(table)} ROIs of {table['patient_id'].nunique()} patients written to {args.out}")
+    return 0
+
+
+def _triple(text: str, cast: type) -> tuple:
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise InputDataError(f"position {text!r} must be three comma-separated numbers")
+    try:
+        return tuple(cast(part) for part in parts)
+    except ValueError:
+        raise InputDataError(f"position {text!r} must be three comma-separated numbers") from None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """The k most similar known nodules to a query ROI or to a nodule in a DICOM series."""
+    import json
+
+    from nodule_pipeline.hashing.searcher import NoduleSearcher, load_query_roi
+    from nodule_pipeline.pictures import search_results
+
+    searcher = NoduleSearcher.from_data_dir(Path(args.data_dir))
+    options = {"k": args.k, "mode": args.mode, "exclude_patient": args.exclude_patient}
+    if args.roi:
+        response = searcher.search_roi(load_query_roi(Path(args.roi)), source=args.roi, **options)
+    elif args.dicom and (args.at or args.at_mm):
+        voxel = _triple(args.at, int) if args.at else None
+        position = _triple(args.at_mm, float) if args.at_mm else None
+        response = searcher.search_dicom(Path(args.dicom), voxel=voxel, position_mm=position, **options)
+    else:
+        raise InputDataError("give --roi FILE, or --dicom DIR with --at I,J,K or --at-mm X,Y,Z")
+    hits = response.hits
+    if args.json:
+        print(json.dumps([hit.to_json() for hit in hits], indent=2))
+    else:
+        print(response.as_text(searcher.index.index_version))
+    if args.picture:
+        rois = searcher.index.rois
+        blank = np.full((32, 32), -1024, dtype=np.float32)
+        png = search_results(
+            response.query_image,
+            f"query\np(malig.) {response.malignant_probability:.2f}",
+            [rois[hit.row] if rois is not None else blank for hit in hits],
+            [hit.label for hit in hits],
+            [f"#{hit.rank} {hit.nodule_id}\nham {hit.hamming}" for hit in hits],
+        )
+        Path(args.picture).write_bytes(png)
+        if not args.json:
+            print(f"picture: {args.picture}")
     return 0
 
 
@@ -92,6 +163,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     command += ["-w", str(workspace)] if workspace.exists() else ["-m", "nodule_pipeline.definitions"]
     os.execvpe(command[0], command, env)
     return 0
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, help="training epochs of hash_model (default 25, the paper's)")
+    parser.add_argument("--bits", type=int, help="hash bits (default 256, the paper's best)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,18 +189,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lidc-root", required=True, help="scan root in TCIA layout")
     run.add_argument("--data-dir", default="data", help="instance and artefacts (default %(default)s)")
     run.add_argument("--patients", nargs="+", help="only these patient ids")
+    add_training_options(run)
     run.set_defaults(func=cmd_run)
 
     demo = commands.add_parser("demo", help="generate the demo data if absent and run everything on it")
     demo.add_argument("--data-dir", default="data")
     demo.add_argument("--patients", type=int, default=DEFAULT_DEMO_PATIENTS)
     demo.add_argument("--seed", type=int, default=0)
+    add_training_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     export = commands.add_parser("export-rois", help="write the materialized roi_dataset as a ROI table")
     export.add_argument("--data-dir", default="data")
     export.add_argument("--out", required=True, help="parquet file to write")
     export.set_defaults(func=cmd_export_rois)
+
+    search = commands.add_parser("search", help="find the most similar known nodules")
+    search.add_argument("--roi", help="query ROI: 32x32 .npy in HU, or a lung-window .png")
+    search.add_argument("--dicom", help="query DICOM series folder")
+    search.add_argument("--at", help="nodule voxel in the series: row,col,slice (slice in ascending z)")
+    search.add_argument("--at-mm", help="nodule position in patient coordinates: x,y,z in mm")
+    search.add_argument("--data-dir", default="data")
+    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--mode", choices=["hierarchical", "hamming", "rerank"], default="hierarchical")
+    search.add_argument("--exclude-patient", help="leave this patient's nodules out of the results")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.add_argument("--picture", help="write the query beside its results to this PNG")
+    search.set_defaults(func=cmd_search)
 
     ui = commands.add_parser("ui", help="open the Dagster UI on a data dir")
     ui.add_argument("--data-dir", default="data")

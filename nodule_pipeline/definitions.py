@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import AssetSelection, Definitions, InitLoggerContext, define_asset_job, logger
 
-from nodule_pipeline.assets import ALL_ASSETS, INGESTION_ASSETS
+from nodule_pipeline.assets import ALL_ASSETS, INGESTION_ASSETS, LIBRARY_ASSETS
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.resources import (
     ArtefactIOManager,
     ScanSource,
-    artefacts_dir,
     default_data_dir,
     default_lidc_root,
 )
+from nodule_pipeline.storage import artefacts_dir
 
 ingest_patient_job = define_asset_job(
     "ingest_patient",
@@ -22,9 +24,31 @@ ingest_patient_job = define_asset_job(
     partitions_def=patients_partitions,
     description="Scan to lung mask to ROIs for one patient partition.",
 )
-build_dataset_job = define_asset_job(
-    "build_dataset", selection=AssetSelection.assets("roi_dataset"), description="Union of all patients' ROIs, split."
+build_library_job = define_asset_job(
+    "build_library",
+    selection=AssetSelection.assets(*LIBRARY_ASSETS),
+    description="All patients' ROIs split, the hashing network trained on them, and the hash index.",
 )
+
+
+class _StepMessages(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        meta = record.__dict__.get("dagster_meta", {})
+        if meta.get("dagster_event") is None:  # what the assets themselves say, not Dagster's own events
+            print(
+                f"  {meta.get('step_key') or 'run'}: {meta.get('orig_message', record.getMessage())}",
+                file=sys.stdout,
+                flush=True,
+            )
+
+
+@logger(description="Terse progress for the command line: only the assets' own messages (INFO and up).")
+def progress_logger(init_context: InitLoggerContext) -> logging.Logger:
+    progress = logging.getLogger("nodule_pipeline.progress")
+    progress.setLevel(logging.INFO)
+    progress.handlers = [_StepMessages()]
+    progress.propagate = False
+    return progress
 
 
 def build_definitions(data_dir: Path | None = None, lidc_root: Path | None = None) -> Definitions:
@@ -33,7 +57,8 @@ def build_definitions(data_dir: Path | None = None, lidc_root: Path | None = Non
     lidc_root = (lidc_root or default_lidc_root(data_dir)).resolve()
     return Definitions(
         assets=ALL_ASSETS,
-        jobs=[ingest_patient_job, build_dataset_job],
+        jobs=[ingest_patient_job, build_library_job],
+        loggers={"progress": progress_logger},
         resources={
             "scan_source": ScanSource(root=str(lidc_root)),
             "io_manager": ArtefactIOManager(base_dir=str(artefacts_dir(data_dir))),

@@ -57,3 +57,51 @@ def mask_overlay(hu_slice: np.ndarray, mask_slice: np.ndarray, size: int = 256) 
 def markdown_image(png: bytes, alt: str) -> str:
     """Markdown that shows the PNG inline (Dagster renders it in the asset's metadata)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
+def search_results(
+    query: np.ndarray,
+    query_caption: str,
+    results: np.ndarray,
+    result_labels: list[int],
+    result_captions: list[str],
+    zoom: int = 3,
+) -> bytes:
+    """The query beside its results, each framed in its label's colour and captioned."""
+    side = query.shape[0] * zoom
+    tile, caption_h = side + 6, 28
+    canvas = Image.new("RGB", ((len(results) + 1) * tile + 10, tile + caption_h), (20, 20, 20))
+    draw = ImageDraw.Draw(canvas)
+    entries = [(query, None, query_caption), *zip(results, result_labels, result_captions)]
+    for position, (image, label, caption) in enumerate(entries):
+        x = position * tile + (10 if position else 0)
+        frame = (255, 255, 255) if label is None else LABEL_COLOURS.get(int(label), (128, 128, 128))
+        draw.rectangle([x, 0, x + tile - 1, tile - 1], fill=frame)
+        grey = Image.fromarray(window(image)).resize((side, side), Image.NEAREST)
+        canvas.paste(grey.convert("RGB"), (x + 3, 3))
+        for line, text in enumerate(caption.split("\n")[:2]):
+            draw.text((x + 2, tile + 2 + 12 * line), text[: tile // 6], fill=(230, 230, 230))
+    return to_png(canvas)
+
+
+def training_curves(epochs: list[int], losses: list[float], accuracies: list[float], title: str) -> bytes:
+    """Loss and accuracy per epoch as one small chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, loss_axis = plt.subplots(figsize=(5, 3), dpi=80)
+    loss_axis.plot(epochs, losses, color="tab:red", marker="o", markersize=3, label="loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss", color="tab:red")
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot(epochs, accuracies, color="tab:blue", marker="o", markersize=3, label="accuracy")
+    accuracy_axis.set_ylabel("training accuracy", color="tab:blue")
+    accuracy_axis.set_ylim(0, 1)
+    loss_axis.set_title(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

@@ -15,10 +15,15 @@ import pandas as pd
 from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
 
 from nodule_pipeline.errors import InputDataError, check_safe_key
+from nodule_pipeline.hashing.card import ModelArtefact
+from nodule_pipeline.hashing.index import MANIFEST as INDEX_MANIFEST
+from nodule_pipeline.hashing.index import HashIndex, load_index, save_index
+from nodule_pipeline.hashing.training import META_FILE as MODEL_META
+from nodule_pipeline.hashing.training import load_model, read_model_card, save_model
 from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
 from nodule_pipeline.lidc.series import CtSeries, find_series_folders, open_scan, save_scan
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
-from nodule_pipeline.storage import atomic_write
+from nodule_pipeline.storage import artefact_folder, atomic_write
 
 DATA_DIR_ENV = "NODULE_PIPELINE_DATA_DIR"
 LIDC_ROOT_ENV = "NODULE_PIPELINE_LIDC_ROOT"
@@ -45,22 +50,16 @@ def remember_lidc_root(data_dir: Path, lidc_root: Path) -> None:
     atomic_write(data_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(payload))
 
 
-def artefact_folder(base_dir: Path, asset_path: list[str], partition_key: str | None = None) -> Path:
-    """Where an asset (partition) is stored: ``<base>/<asset>[/<partition>]``, keys checked safe."""
-    folder = base_dir.joinpath(*asset_path)
-    return folder / check_safe_key(partition_key, "partition key") if partition_key is not None else folder
-
-
-def artefacts_dir(data_dir: Path) -> Path:
-    return data_dir / "artefacts"
-
-
 def load_artefact(folder: Path) -> object:
     """Read back whatever :class:`ArtefactIOManager` stored in ``folder``."""
     if (folder / "rois.parquet").exists():
         return read_roi_table(folder / "rois.parquet")
     if (folder / "scan.json").exists():
         return open_scan(folder)
+    if (folder / MODEL_META).exists():
+        return ModelArtefact(load_model(folder), read_model_card(folder).get("card", {}))
+    if (folder / INDEX_MANIFEST).exists():
+        return load_index(folder)
     if (folder / "masks.npz").exists():
         with np.load(folder / "masks.npz") as stored:
             shapes = json.loads(str(stored["__shapes__"]))
@@ -89,7 +88,8 @@ class ScanSource(ConfigurableResource):
 
 class ArtefactIOManager(ConfigurableIOManager):
     """Stores each asset (partition) in its own folder under ``base_dir`` in a compact format:
-    scans as raw int16 ``.npy`` + JSON, masks bit-packed, ROI tables as parquet. Writes are
+    scans as zstd int16 volumes + JSON, masks bit-packed, ROI tables as parquet, the model as a
+    weights-only state dict + card, the index as memory-mappable arrays. Writes are
     atomic, so a failed run never damages what an earlier run stored."""
 
     base_dir: str
@@ -102,6 +102,10 @@ class ArtefactIOManager(ConfigurableIOManager):
         folder = self._folder(context.asset_key.path, partition)
         if isinstance(obj, pd.DataFrame):
             write_roi_table(obj, folder / "rois.parquet")
+        elif isinstance(obj, ModelArtefact):
+            save_model(obj.model, folder, obj.card)
+        elif isinstance(obj, HashIndex):
+            save_index(obj, folder)
         elif isinstance(obj, list) and all(isinstance(s, CtSeries) for s in obj):
             save_scan(obj, folder)
         elif isinstance(obj, dict) and all(isinstance(m, np.ndarray) and m.dtype == bool for m in obj.values()):

@@ -8,6 +8,7 @@ columns can be split, trained and evaluated on.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,15 @@ def patients_on_both_sides(table: pd.DataFrame) -> list[str]:
     """Patients with ROIs in train and in test: a leak in patient mode."""
     sides = table.groupby("patient_id")[SPLIT_COLUMN].nunique()
     return sorted(sides[sides > 1].index)
+
+
+def table_fingerprint(table: pd.DataFrame) -> str:
+    """Content hash (16 hex digits) of the rows a model sees: ids, labels, split and pixels, so a
+    model card and an index can name exactly which data they came from."""
+    digest = hashlib.sha256(b"nodule_pipeline.roi_table\0")
+    for column in ("patient_id", "nodule_id", "annotation_id", SPLIT_COLUMN):
+        if column in table.columns:
+            digest.update(f"{column}\0".encode() + "\x1f".join(table[column].astype(str)).encode() + b"\0")
+    digest.update(np.ascontiguousarray(table["label"].to_numpy(dtype=np.int8)).tobytes())
+    digest.update(np.ascontiguousarray(roi_images(table)).tobytes())
+    return digest.hexdigest()[:16]

@@ -12,14 +12,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import DagsterInstance, ExecuteInProcessResult
+from dagster import BetaWarning, DagsterInstance, ExecuteInProcessResult, PreviewWarning
 
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.errors import InputDataError, check_safe_key
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.resources import ScanSource, remember_lidc_root
 
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
+"""Runs print only the assets' own messages (epochs, warnings), not Dagster's event stream."""
+LIBRARY_ASSET_NAMES = ("roi_dataset", "hash_model", "hash_index")
 INSTANCE_YAML = "telemetry:\n  enabled: false\n"
 
 
@@ -35,8 +37,8 @@ class PatientOutcome:
 @dataclass
 class RunSummary:
     outcomes: list[PatientOutcome]
-    dataset_ok: bool | None
-    dataset_metadata: dict
+    library_ok: bool | None
+    library_metadata: dict[str, dict]
 
     @property
     def failed(self) -> list[PatientOutcome]:
@@ -67,7 +69,11 @@ def _materialization_metadata(result: ExecuteInProcessResult, asset_name: str) -
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
         if materialization.asset_key.to_user_string() == asset_name:
-            return {key: value.value for key, value in materialization.metadata.items() if key not in ("montage",)}
+            return {
+                key: value.value
+                for key, value in materialization.metadata.items()
+                if not isinstance(value.value, str) or len(value.value) < 500
+            }
     return {}
 
 
@@ -76,10 +82,13 @@ def run_pipeline(
     data_dir: Path,
     patients: Iterable[str] | None = None,
     progress: Callable[[str], None] = print,
+    library_config: dict | None = None,
 ) -> RunSummary:
     """Register the patients under ``lidc_root`` as partitions and materialize their chain, then
-    the dataset. Every patient is attempted; failures are collected with their reasons."""
-    warnings.filterwarnings("ignore", category=Warning, module="dagster")
+    the library (dataset split, model, index; ``library_config`` is Dagster run config for them).
+    Every patient is attempted; failures are collected with their reasons."""
+    for category in (BetaWarning, PreviewWarning):  # Dagster's API-stability notes are not for end users
+        warnings.filterwarnings("ignore", category=category)
     lidc_root, data_dir = lidc_root.resolve(), data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     found = ScanSource(root=str(lidc_root)).list_patients()
@@ -108,7 +117,7 @@ def run_pipeline(
     for number, patient_id in enumerate(runnable, start=1):
         started = time.perf_counter()
         result = job.execute_in_process(
-            run_config=QUIET_RUN_CONFIG, instance=instance, partition_key=patient_id, raise_on_error=False
+            run_config=PROGRESS_RUN_CONFIG, instance=instance, partition_key=patient_id, raise_on_error=False
         )
         seconds = time.perf_counter() - started
         prefix = f"[{number:>{len(str(len(runnable)))}}/{len(runnable)}] {patient_id}"
@@ -126,14 +135,14 @@ def run_pipeline(
             outcomes.append(PatientOutcome(patient_id, False, seconds, error=reason))
             progress(f"{prefix}: FAILED {reason}")
 
-    dataset_ok, dataset_metadata = None, {}
+    library_ok, library_metadata = None, {}
     if any(o.ok for o in outcomes) or instance.get_dynamic_partitions(patients_partitions.name):
-        progress("roi_dataset: building the split over all materialized patients")
-        result = defs.resolve_job_def("build_dataset").execute_in_process(
-            run_config=QUIET_RUN_CONFIG, instance=instance, raise_on_error=False
+        progress("library: roi_dataset (split), hash_model (training), hash_index over all materialized patients")
+        result = defs.resolve_job_def("build_library").execute_in_process(
+            run_config={**PROGRESS_RUN_CONFIG, **(library_config or {})}, instance=instance, raise_on_error=False
         )
-        dataset_ok = result.success
-        dataset_metadata = _materialization_metadata(result, "roi_dataset")
+        library_ok = result.success
+        library_metadata = {name: _materialization_metadata(result, name) for name in LIBRARY_ASSET_NAMES}
         if not result.success:
-            progress(f"roi_dataset: FAILED {failure_reason(result)}")
-    return RunSummary(outcomes, dataset_ok, dataset_metadata)
+            progress(f"library: FAILED {failure_reason(result)}")
+    return RunSummary(outcomes, library_ok, library_metadata)

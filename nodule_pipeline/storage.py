@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from nodule_pipeline.errors import check_safe_key
+
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write through ``write(tmp_path)`` then rename into place: readers never see half a file."""
@@ -42,3 +44,13 @@ def replace_dir(target: Path, fill: Callable[[Path], object]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def artefact_folder(base_dir: Path, asset_path: list[str], partition_key: str | None = None) -> Path:
+    """Where an asset (partition) is stored: ``<base>/<asset>[/<partition>]``, keys checked safe."""
+    folder = base_dir.joinpath(*asset_path)
+    return folder / check_safe_key(partition_key, "partition key") if partition_key is not None else folder
+
+
+def artefacts_dir(data_dir: Path) -> Path:
+    return data_dir / "artefacts"

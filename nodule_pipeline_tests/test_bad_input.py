@@ -9,9 +9,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from nodule_pipeline.resources import artefact_folder, artefacts_dir
 from nodule_pipeline.roi_table import read_roi_table
 from nodule_pipeline.runner import run_pipeline
+from nodule_pipeline.storage import artefact_folder, artefacts_dir
 
 GOOD = "LIDC-IDRI-0001"
 
@@ -96,7 +96,7 @@ def test_good_patients_are_unaffected(first_run) -> None:
     assert ok["NO-ANNOTATIONS"].metadata["kept"] == 0  # not an error: zero ROIs
     dataset = read_roi_table(artefact_folder(artefacts_dir(data_dir), ["roi_dataset"]) / "rois.parquet")
     assert set(dataset["patient_id"]) == {GOOD}
-    assert summary.dataset_ok
+    assert summary.library_ok
 
 
 def test_unsafe_partition_key_is_refused(first_run, broken_root: Path) -> None:

@@ -9,8 +9,9 @@ import pytest
 from nodule_pipeline.cli import main
 from nodule_pipeline.lidc.demo_data import generate_patient
 from nodule_pipeline.lidc.pylidc_compat import load_pylidc
-from nodule_pipeline.resources import artefact_folder, artefacts_dir, load_artefact
+from nodule_pipeline.resources import load_artefact
 from nodule_pipeline.roi_table import patients_on_both_sides, read_roi_table
+from nodule_pipeline.storage import artefact_folder, artefacts_dir
 
 PATIENTS = ("LIDC-IDRI-0957", "LIDC-IDRI-0078")  # 65 and 87 slices: small and quick
 

@@ -38,6 +38,7 @@ FC_FILE = "fc.npy"
 LABELS_FILE = "labels.npy"
 PREDICTED_FILE = "predicted.npy"
 ITEMS_FILE = "items.parquet"
+ROIS_FILE = "rois.npy"
 _DATA_FILES = (CODES_FILE, FC_FILE, LABELS_FILE, PREDICTED_FILE, ITEMS_FILE)
 
 
@@ -62,6 +63,7 @@ class HashIndex:
     model_version: str
     index_version: str  # content hash (see compute_index_version), named in every search result
     format_version: int = FORMAT_VERSION
+    rois: np.ndarray | None = None  # int16 (n, 32, 32) HU, for pictures of results; search never reads it
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +85,8 @@ class HashIndex:
         missing = [c for c in REQUIRED_ITEM_COLUMNS if c not in self.items.columns]
         if missing:
             raise ValueError(f"items lacks required column(s) {missing}")
+        if self.rois is not None and (self.rois.ndim != 3 or self.rois.shape[0] != n):
+            raise ValueError(f"rois must be ({n}, h, w), got {self.rois.shape}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -100,13 +104,15 @@ def build_index(
     items: pd.DataFrame,
     model_version: str,
     predicted: np.ndarray | None = None,
+    rois: np.ndarray | None = None,
 ) -> HashIndex:
     """Validate and assemble an index from the model's outputs on the database split.
 
     ``codes`` is either boolean/0-1 codes (n, bits) or already packed ``uint8`` (n, bits/8):
     a ``uint8`` array is always taken as packed. ``fc`` is rounded to float16 here, once, so an
     index behaves the same before and after a save/load round trip. ``predicted`` defaults to -1
-    (unknown).
+    (unknown). ``rois`` (optional) are kept as int16 HU thumbnails for result pictures; they are
+    not part of the content hash nor of the search.
     """
     codes = np.asarray(codes)
     if codes.ndim != 2:
@@ -160,6 +166,7 @@ def build_index(
         bits=bits,
         model_version=str(model_version),
         index_version=version,
+        rois=None if rois is None else np.clip(np.rint(rois), -32768, 32767).astype(np.int16),
     )
 
 
@@ -246,6 +253,8 @@ def save_index(index: HashIndex, folder: Path | str) -> Path:
         np.save(tmp / LABELS_FILE, np.ascontiguousarray(index.labels), allow_pickle=False)
         np.save(tmp / PREDICTED_FILE, np.ascontiguousarray(index.predicted), allow_pickle=False)
         index.items.to_parquet(tmp / ITEMS_FILE, index=False)
+        if index.rois is not None:
+            np.save(tmp / ROIS_FILE, np.ascontiguousarray(index.rois, dtype=np.int16), allow_pickle=False)
         labels, counts = np.unique(index.labels, return_counts=True)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -322,6 +331,9 @@ def load_index(folder: Path | str, mmap: bool = True, verify: bool = False) -> H
             bits=int(bits),
             model_version=str(manifest.get("model_version", "")),
             index_version=str(manifest.get("index_version", "")),
+            rois=np.load(folder / ROIS_FILE, mmap_mode=mode, allow_pickle=False)
+            if (folder / ROIS_FILE).is_file()
+            else None,
         )
     except (TypeError, ValueError) as exc:
         raise IndexFormatError(f"hash index folder {folder} is inconsistent: {exc}") from exc

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 from scipy.spatial.distance import pdist
 from skimage.draw import polygon
 
@@ -105,6 +106,22 @@ def roi_at(
         keep = lung_mask[:, :, k] if nodule_slice_mask is None else lung_mask[:, :, k] | nodule_slice_mask
         slice_hu = np.where(keep, slice_hu, AIR_HU)
     return crop(slice_hu, (i, j), settings.size, AIR_HU)
+
+
+def query_nodule_mask(
+    slice_hu: np.ndarray, centre: tuple[int, int], size: int = 32, threshold_hu: float = -600
+) -> np.ndarray:
+    """For a query without an outline: the soft-tissue blob under ``centre`` within the ROI
+    window, so a juxta-pleural nodule is kept even where the lung mask stops short of it."""
+    half = size // 2
+    r0, c0 = max(centre[0] - half, 0), max(centre[1] - half, 0)
+    window_hu = slice_hu[r0 : centre[0] + half, c0 : centre[1] + half]
+    labels, _ = ndimage.label(window_hu > threshold_hu)
+    mask = np.zeros(slice_hu.shape, dtype=bool)
+    label = labels[centre[0] - r0, centre[1] - c0]
+    if label:
+        mask[r0 : r0 + labels.shape[0], c0 : c0 + labels.shape[1]] = labels == label
+    return mask
 
 
 def _diameter_mm(annotation: Annotation, spacing_mm: tuple[float, float, float]) -> float:

@@ -1,0 +1,447 @@
+"""Training, encoding and storing the deep hashing network (paper section 1.3.1, last paragraph).
+
+Loss = cross-entropy on the softmax classifier + L2 penalty (lambda 0.01), Adam, batch 32,
+25 epochs, as in the paper. Pure torch/numpy: the Dagster asset calls these functions.
+
+Reproducibility: on the CPU the same inputs, configs and seed give bit-identical weights (torch
+RNG seeded inside a forked RNG state so the caller's is untouched, shuffles from a seeded numpy
+Generator, fixed thread count). On CUDA cuDNN kernels and mixed precision are not bit-exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from nodule_pipeline.hashing.network import HashNet, NetworkConfig, NormalisationStats, normalise_rois
+from nodule_pipeline.storage import replace_dir
+
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "model.json"
+FORMAT = "nodule_pipeline.hash_model/1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; defaults are the paper's (Adam, lr 1e-3, batch 32, 25 epochs, L2 0.01).
+
+    ``l2`` is the paper's L2 penalty lambda, applied as Adam's (coupled) ``weight_decay``, which
+    is exactly the gradient of a ``lambda/2 * ||W||^2`` term in the loss. It covers weight
+    matrices and conv kernels only: penalising biases and BatchNorm scales only fights the
+    normalisation. ``balance_classes`` weights the cross-entropy by inverse class frequency
+    (off by default, as in the paper; the LIDC classes are 62/38, mild).
+    ``validation_fraction`` > 0 holds out whole patients of the rows given to
+    :func:`train_hash_model` (pass training rows only: the test split must never be touched).
+    ``mixed_precision`` applies on CUDA only (autocast float16 + GradScaler); the CPU runs float32.
+    ``device``: "auto" picks CUDA when present, else CPU; or any torch device string.
+    """
+
+    epochs: int = 25
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    l2: float = 0.01
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: bool = True
+    validation_fraction: float = 0.0
+    num_threads: int | None = None
+    balance_classes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (BatchNorm), got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.l2 < 0:
+            raise ValueError(f"l2 must be >= 0, got {self.l2}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be positive or None, got {self.num_threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One epoch: mean training loss (cross-entropy, without the L2 term, so it compares with
+    ``val_loss``), running training accuracy (dropout on), validation figures (None without
+    validation), wall seconds of the training pass and its throughput."""
+
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+    images_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainedModel:
+    """A trained network (eval mode, on CPU) with everything needed to encode new ROIs the same way."""
+
+    module: HashNet
+    network: NetworkConfig
+    config: TrainConfig
+    normalisation: NormalisationStats
+    history: list[EpochStats] = field(default_factory=list)
+    device: str = "cpu"
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Per ROI: ``codes`` (n, bits) bool (h > 0.5), ``fc`` (n, fc_dim) float32 features,
+    ``probs`` (n, classes) float32 softmax, ``predicted`` (n,) int8 argmax class."""
+
+    codes: np.ndarray
+    fc: np.ndarray
+    probs: np.ndarray
+    predicted: np.ndarray
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block and restore it (it is process-wide)."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def validation_patients(
+    patient_ids: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Boolean mask of rows held out for validation: whole patients, stratified by majority label."""
+    patients, inverse = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)
+    majority = np.rint(np.bincount(inverse, weights=labels) / np.bincount(inverse)).astype(int)
+    chosen: list[int] = []
+    for stratum in np.unique(majority):
+        members = np.flatnonzero(majority == stratum)
+        members = members[rng.permutation(len(members))]
+        chosen.extend(members[: round(fraction * len(members))].tolist())
+    if not chosen or len(chosen) == len(patients):
+        raise ValueError(
+            f"validation_fraction {fraction} leaves no patients on one side ({len(patients)} training patients)"
+        )
+    return np.isin(inverse, chosen)
+
+
+def _param_groups(module: torch.nn.Module, l2: float) -> list[dict[str, Any]]:
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    rest = [p for p in module.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": l2}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _make_optimizer(module: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = _param_groups(module, config.l2)
+    try:  # fused Adam: one kernel per step instead of ~10 elementwise passes over 10M weights
+        return torch.optim.Adam(groups, lr=config.learning_rate, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(groups, lr=config.learning_rate)
+
+
+def _evaluate(
+    module: HashNet, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp: bool, device: torch.device
+) -> tuple[float, float]:
+    module.eval()
+    total, correct = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                logits = module(xb).logits.float()
+            total += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+    module.train()
+    return total / len(x), correct / len(x)
+
+
+def _check_inputs(images: np.ndarray, labels: np.ndarray, patient_ids: np.ndarray, num_classes: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if len(images) != len(labels) or len(labels) != len(patient_ids):
+        raise ValueError(f"images ({len(images)}), labels ({len(labels)}) and patient_ids ({len(patient_ids)}) differ")
+    if len(labels) < 2:
+        raise ValueError(f"need at least 2 training ROIs, got {len(labels)}")
+    if not np.isin(labels, np.arange(num_classes)).all():
+        raise ValueError(f"labels must be integers in 0..{num_classes - 1}")
+    return labels.astype(np.int64)
+
+
+def train_hash_model(
+    images: np.ndarray,
+    labels: np.ndarray,
+    patient_ids: np.ndarray,
+    network: NetworkConfig | None = None,
+    config: TrainConfig | None = None,
+    progress: Callable[[EpochStats], None] | None = None,
+) -> TrainedModel:
+    """Train :class:`HashNet` on training-split ROIs (n, 32, 32) with labels and patient ids.
+
+    Normalisation is fitted on the rows actually trained on (validation patients excluded).
+    ``progress`` is called after every epoch (e.g. to log to Dagster). Returns the model in eval
+    mode on the CPU, whatever device trained it.
+    """
+    network = network or NetworkConfig()
+    config = config or TrainConfig()
+    y_all = _check_inputs(images, labels, patient_ids, network.num_classes)
+    rng = np.random.default_rng(config.seed)
+    held_out = np.zeros(len(y_all), dtype=bool)
+    if config.validation_fraction > 0:
+        held_out = validation_patients(patient_ids, y_all, config.validation_fraction, rng)
+    if (~held_out).sum() < 2:
+        raise ValueError("fewer than 2 ROIs left to train on after holding out validation patients")
+    images = np.asarray(images)
+    x_fit, stats = normalise_rois(images[~held_out])
+    device = resolve_device(config.device)
+    amp = device.type == "cuda" and config.mixed_precision
+    devices = [device.index or 0] if device.type == "cuda" else []
+
+    with _threads(config.num_threads), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        module = HashNet(network).to(device)
+        module.train()
+        optimizer = _make_optimizer(module, config, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        x = torch.from_numpy(x_fit).to(device)
+        y = torch.from_numpy(y_all[~held_out]).to(device)
+        x_val = y_val = None
+        if held_out.any():
+            x_val = torch.from_numpy(normalise_rois(images[held_out], stats)[0]).to(device)
+            y_val = torch.from_numpy(y_all[held_out]).to(device)
+        weight = None
+        if config.balance_classes:
+            counts = np.bincount(y_all[~held_out], minlength=network.num_classes).astype(np.float64)
+            weight = torch.tensor(len(y) / (network.num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+            weight = weight.to(device)
+
+        history: list[EpochStats] = []
+        train_seconds = 0.0
+        n = len(y)
+        bounds = [*range(0, n, config.batch_size), n]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]  # BatchNorm cannot train on a batch of one: fold it into the previous batch
+        for epoch in range(1, config.epochs + 1):
+            order = torch.from_numpy(rng.permutation(n)).to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            started = time.perf_counter()
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                index = order[start:stop]
+                xb, yb = x[index], y[index]
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                    logits = module(xb).logits.float()
+                loss = F.cross_entropy(logits, yb, weight=weight)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.detach() * len(index)
+                correct += (logits.detach().argmax(1) == yb).sum()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            train_seconds += seconds
+            val_loss = val_accuracy = None
+            if x_val is not None:
+                val_loss, val_accuracy = _evaluate(module, x_val, y_val, 256, amp, device)
+            stats_epoch = EpochStats(
+                epoch=epoch,
+                loss=float(loss_sum) / n,
+                accuracy=int(correct) / n,
+                val_loss=val_loss,
+                val_accuracy=val_accuracy,
+                seconds=seconds,
+                images_per_s=n / seconds if seconds > 0 else math.inf,
+            )
+            history.append(stats_epoch)
+            if progress is not None:
+                progress(stats_epoch)
+
+    module.to("cpu").eval()
+    total_images = n * config.epochs
+    return TrainedModel(
+        module=module,
+        network=network,
+        config=config,
+        normalisation=stats,
+        history=history,
+        device=str(device),
+        seconds=train_seconds,
+        images_per_s=total_images / train_seconds if train_seconds > 0 else math.inf,
+    )
+
+
+def encode(model: TrainedModel, images: np.ndarray, batch_size: int = 256) -> Encoded:
+    """Hash codes, fc features and class probabilities for ROIs (raw values, normalised here with
+    the model's stored map). Runs where the module's weights are (CPU after training/loading)."""
+    module = model.module
+    x, _ = normalise_rois(images, model.normalisation) if len(images) else (np.zeros((0, 1, 32, 32), np.float32), None)
+    device = next(module.parameters()).device
+    codes, fcs, probs = [], [], []
+    module.eval()
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            out = module(torch.from_numpy(x[start : start + batch_size]).to(device))
+            codes.append((out.hash_probs > 0.5).cpu().numpy())
+            fcs.append(out.fc.float().cpu().numpy())
+            probs.append(torch.softmax(out.logits.float(), dim=1).cpu().numpy())
+    net = model.network
+    if not codes:
+        return Encoded(
+            codes=np.zeros((0, net.bits), dtype=bool),
+            fc=np.zeros((0, net.fc_dim), dtype=np.float32),
+            probs=np.zeros((0, net.num_classes), dtype=np.float32),
+            predicted=np.zeros(0, dtype=np.int8),
+        )
+    all_probs = np.concatenate(probs).astype(np.float32)
+    return Encoded(
+        codes=np.concatenate(codes).astype(bool),
+        fc=np.concatenate(fcs).astype(np.float32),
+        probs=all_probs,
+        predicted=all_probs.argmax(axis=1).astype(np.int8),
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_model(model: TrainedModel, folder: Path, card: dict[str, Any] | None = None) -> None:
+    """Write ``weights.pt`` (state_dict) and ``model.json`` (configs, normalisation, history,
+    weights checksum, the caller's ``card``) into ``folder``, atomically (old or new, never a mix)."""
+    folder = Path(folder)
+    meta = {
+        "format": FORMAT,
+        "network": model.network.to_dict(),
+        "training": model.config.to_dict(),
+        "normalisation": model.normalisation.to_dict(),
+        "history": [epoch.to_dict() for epoch in model.history],
+        "device": model.device,
+        "seconds": model.seconds,
+        "images_per_s": model.images_per_s,
+        "torch_version": torch.__version__,
+        "card": card or {},
+    }
+    json.dumps(meta)  # a card that is not JSON fails here, before the old folder is touched
+
+    def fill(tmp: Path) -> None:
+        weights = tmp / WEIGHTS_FILE
+        state = {key: value.detach().cpu() for key, value in model.module.state_dict().items()}
+        torch.save(state, weights)
+        (tmp / META_FILE).write_text(json.dumps({**meta, "weights_sha256": _sha256(weights)}, indent=2))
+
+    replace_dir(folder, fill)
+
+
+def read_model_card(folder: Path) -> dict[str, Any]:
+    """The ``model.json`` of a saved model (no weights loaded)."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no saved hash model here")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    return meta
+
+
+def load_model(folder: Path, map_location: str | torch.device = "cpu") -> TrainedModel:
+    """Rebuild a model written by :func:`save_model`; the weights file is checked against its
+    checksum and read with ``weights_only=True`` (tensors only, no arbitrary pickle)."""
+    folder = Path(folder)
+    meta = read_model_card(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: weights file missing")
+    expected = meta.get("weights_sha256")
+    if expected and _sha256(weights) != expected:
+        raise ValueError(f"{weights}: checksum does not match model.json (file changed or corrupted)")
+    network = NetworkConfig.from_dict(meta["network"])
+    module = HashNet(network)
+    module.load_state_dict(torch.load(weights, map_location=map_location, weights_only=True), strict=True)
+    module.to(map_location).eval()
+    history = [EpochStats(**epoch) for epoch in meta.get("history", [])]
+    return TrainedModel(
+        module=module,
+        network=network,
+        config=TrainConfig.from_dict(meta["training"]),
+        normalisation=NormalisationStats.from_dict(meta["normalisation"]),
+        history=history,
+        device=meta.get("device", "cpu"),
+        seconds=float(meta.get("seconds", 0.0)),
+        images_per_s=float(meta.get("images_per_s", 0.0)),
+    )
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, positive: int = 1) -> dict[str, float]:
+    """Accuracy; precision/recall/F1 of the ``positive`` (malignant) class and their macro means
+    over the classes seen (at least 0 and 1); confusion counts for the positive class. A ratio
+    with an empty denominator is 0.0."""
+    y_true, y_pred = np.asarray(y_true).astype(np.int64), np.asarray(y_pred).astype(np.int64)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D shapes")
+    if len(y_true) == 0:
+        raise ValueError("no predictions to score")
+
+    def ratio(num: int, den: int) -> float:
+        return num / den if den else 0.0
+
+    per_class = {}
+    for cls in sorted(set(y_true.tolist()) | set(y_pred.tolist()) | {0, 1}):
+        tp = int(np.sum((y_pred == cls) & (y_true == cls)))
+        fp = int(np.sum((y_pred == cls) & (y_true != cls)))
+        fn = int(np.sum((y_pred != cls) & (y_true == cls)))
+        precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+        f1 = ratio(2 * tp, 2 * tp + fp + fn)  # = 2PR/(P+R), exact in integers
+        per_class[cls] = (tp, fp, fn, precision, recall, f1)
+    tp, fp, fn, precision, recall, f1 = per_class.get(positive, (0, 0, 0, 0.0, 0.0, 0.0))
+    return {
+        "n": len(y_true),
+        "accuracy": float(np.mean(y_true == y_pred)),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "precision_macro": float(np.mean([v[3] for v in per_class.values()])),
+        "recall_macro": float(np.mean([v[4] for v in per_class.values()])),
+        "f1_macro": float(np.mean([v[5] for v in per_class.values()])),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": len(y_true) - tp - fp - fn,
+    }
