@@ -15,3 +15,15 @@ def lidc_sample() -> Path:
     if not (LIDC_SAMPLE / SAMPLE_PATIENTS[0]).is_dir():
         pytest.skip(f"real LIDC sample not found at {LIDC_SAMPLE}")
     return LIDC_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def materialized(lidc_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir with the whole chain run on the real sample (shared by the modules that read it)."""
+    from nodule_pipeline.runner import run_pipeline
+
+    data_dir = tmp_path_factory.mktemp("sample-data")
+    summary = run_pipeline(lidc_sample, data_dir, progress=lambda _: None)
+    assert not summary.failed, [o.error for o in summary.failed]
+    assert summary.library_ok
+    return data_dir

@@ -13,20 +13,11 @@ from nodule_pipeline.lidc.pylidc_compat import load_pylidc
 from nodule_pipeline.lidc.rois import malignancy_label
 from nodule_pipeline.resources import load_artefact
 from nodule_pipeline.roi_table import read_roi_table
-from nodule_pipeline.runner import open_instance, run_pipeline
+from nodule_pipeline.runner import open_instance
 from nodule_pipeline.storage import artefact_folder, artefacts_dir
 from nodule_pipeline_tests.conftest import SAMPLE_PATIENTS
 
 RATINGS = [c for c in CHARACTERISTICS if c != "malignancy"]
-
-
-@pytest.fixture(scope="module")
-def materialized(lidc_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data_dir = tmp_path_factory.mktemp("data")
-    summary = run_pipeline(lidc_sample, data_dir, progress=lambda _: None)
-    assert not summary.failed, [o.error for o in summary.failed]
-    assert summary.library_ok
-    return data_dir
 
 
 def _load(data_dir: Path, asset: str, patient_id: str):

@@ -19,7 +19,7 @@ from nodule_pipeline.hashing.index import HashIndex, load_index
 from nodule_pipeline.hashing.search import SearchHit, search
 from nodule_pipeline.hashing.training import TrainedModel, encode, load_model, read_model_card
 from nodule_pipeline.lidc.lung_mask import segment_lungs
-from nodule_pipeline.lidc.rois import query_nodule_mask, roi_at
+from nodule_pipeline.lidc.rois import query_roi_at
 from nodule_pipeline.lidc.series import load_series
 from nodule_pipeline.pictures import LUNG_WINDOW
 from nodule_pipeline.roi_table import ROI_SIZE
@@ -162,6 +162,5 @@ class NoduleSearcher:
         series = load_series(series_dir, patient_id)
         centre = series.check_voxel(voxel) if voxel is not None else series.voxel_at_mm(*position_mm)
         lungs = segment_lungs(series.hu, series.spacing_mm)
-        nodule = query_nodule_mask(series.hu[:, :, centre[2]], centre[:2])
-        image = roi_at(series.hu, lungs, centre, nodule)
+        image = query_roi_at(series.hu, lungs, centre)
         return self.search_roi(image, k, mode, exclude_patient, source=str(series_dir))

@@ -24,6 +24,7 @@ from nodule_pipeline.lidc.annotations import (
 from nodule_pipeline.lidc.series import CtSeries
 
 AIR_HU = -1024
+SOFT_TISSUE_HU = -600
 INDETERMINATE = 3
 
 
@@ -108,20 +109,23 @@ def roi_at(
     return crop(slice_hu, (i, j), settings.size, AIR_HU)
 
 
-def query_nodule_mask(
-    slice_hu: np.ndarray, centre: tuple[int, int], size: int = 32, threshold_hu: float = -600
+def query_roi_at(
+    hu: np.ndarray, lung_mask: np.ndarray, centre: tuple[int, int, int], settings: RoiSettings = RoiSettings()
 ) -> np.ndarray:
-    """For a query without an outline: the soft-tissue blob under ``centre`` within the ROI
-    window, so a juxta-pleural nodule is kept even where the lung mask stops short of it."""
-    half = size // 2
-    r0, c0 = max(centre[0] - half, 0), max(centre[1] - half, 0)
-    window_hu = slice_hu[r0 : centre[0] + half, c0 : centre[1] + half]
-    labels, _ = ndimage.label(window_hu > threshold_hu)
-    mask = np.zeros(slice_hu.shape, dtype=bool)
-    label = labels[centre[0] - r0, centre[1] - c0]
+    """The ROI for a query nodule, which has no reader outline. Where the lung mask already holds
+    the nodule's centre the crop is exactly the ingestion crop; where the mask stops short of
+    it (a juxta-pleural nodule), the soft-tissue blob under the centre is kept as its outline."""
+    i, j, k = centre
+    if lung_mask[i, j, k] or not settings.mask_outside_lung:
+        return roi_at(hu, lung_mask, centre, None, settings)
+    half = settings.size // 2
+    r0, c0 = max(i - half, 0), max(j - half, 0)
+    labels, _ = ndimage.label(hu[r0 : i + half, c0 : j + half, k] > SOFT_TISSUE_HU)
+    blob = np.zeros(hu.shape[:2], dtype=bool)
+    label = labels[i - r0, j - c0]
     if label:
-        mask[r0 : r0 + labels.shape[0], c0 : c0 + labels.shape[1]] = labels == label
-    return mask
+        blob[r0 : r0 + labels.shape[0], c0 : c0 + labels.shape[1]] = labels == label
+    return roi_at(hu, lung_mask, centre, blob, settings)
 
 
 def _diameter_mm(annotation: Annotation, spacing_mm: tuple[float, float, float]) -> float:
