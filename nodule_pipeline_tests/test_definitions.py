@@ -30,7 +30,9 @@ def test_graph_holds_the_ingestion_chain(tmp_path: Path) -> None:
     defs = build_definitions(tmp_path, tmp_path / "lidc")
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert {"lidc_scan", "lung_mask", "nodule_rois", "roi_dataset"} <= keys
+    assert {"lidc_scan", "lung_mask", "nodule_rois", "roi_dataset", "hash_model", "hash_index"} <= keys
     parents = {k.to_user_string() for k in graph.get(defs.resolve_assets_def("nodule_rois").key).parent_keys}
     assert parents == {"lidc_scan", "lung_mask"}
+    index_parents = {k.to_user_string() for k in graph.get(defs.resolve_assets_def("hash_index").key).parent_keys}
+    assert index_parents == {"hash_model", "roi_dataset"}
     assert defs.resolve_job_def("ingest_patient").partitions_def.name == "patients"
