@@ -66,7 +66,10 @@ class NetworkConfig:
     ``fc_dim`` defaults to 1024 so the paper's bound ``log2(classes) <= bits <= fc_dim``
     (its equation 1) holds for every hash size it tried; only the lower bound is enforced,
     because a smaller ``fc_dim`` is a legitimate speed trade-off for experiments.
-    ``cnn_channels`` are the five conv layers' widths (the paper does not give them).
+    ``cnn_channels`` are the five conv layers' widths; the paper does not give them. AlexNet's
+    (64, 192, 384, 256, 256) is sized for 224x224x3; for 32x32x1 ROIs half-width layers keep the
+    CNN branch about 4x cheaper than (64, 128, 256, 256, 256), so training time is set by the
+    paper-sized BiLSTM, not by the CNN.
     """
 
     bits: int = 256
@@ -76,7 +79,7 @@ class NetworkConfig:
     fc_dim: int = 1024
     num_classes: int = 2
     dropout: float = 0.5
-    cnn_channels: tuple[int, ...] = (64, 128, 256, 256, 256)
+    cnn_channels: tuple[int, ...] = (32, 64, 128, 128, 128)
 
     def __post_init__(self) -> None:
         if self.variant not in _VARIANTS:
