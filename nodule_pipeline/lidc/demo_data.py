@@ -33,10 +33,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 
+from nodule_pipeline.lidc.annotations import CHARACTERISTICS
 from nodule_pipeline.lidc.pylidc_compat import load_pylidc
 
 __all__ = [
-    "CHARACTERISTICS",
     "HU_OFFSET",
     "IMAGE_SIZE",
     "MAX_DEMO_SLICES",
@@ -55,18 +55,6 @@ MAX_DEMO_SLICES = 150
 """Patients with at most this many slices (all scans together) are preferred for the demo."""
 XML_FILENAME = "069.xml"
 """Name of the LIDC XML written into each series folder; its presence marks a complete series."""
-CHARACTERISTICS = (
-    "subtlety",
-    "internalStructure",
-    "calcification",
-    "sphericity",
-    "margin",
-    "lobulation",
-    "spiculation",
-    "texture",
-    "malignancy",
-)
-"""LIDC rating names, in the order of the XML ``characteristics`` element."""
 
 _LIDC_NS = "http://www.nih.gov"
 _SELECTION_WINDOW = 8  # candidates (in slice-count order) the class balancing may choose from
