@@ -69,13 +69,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir).resolve()
     training = {key: value for key, value in (("epochs", args.epochs), ("bits", args.bits)) if value is not None}
-    library_config = {"ops": {"hash_model": {"config": training}}} if training else None
     summary = run_pipeline(
         Path(args.lidc_root),
         data_dir,
         args.patients,
         progress=lambda line: print(line, flush=True),
-        library_config=library_config,
+        training=training,
+        report=args.report,
     )
     _print_summary(summary, data_dir)
     return 1 if summary.failed or summary.library_ok is False else 0
@@ -151,6 +151,27 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_rois(args: argparse.Namespace) -> int:
+    """Train, index and evaluate on any ROI table of the contract (patient-level split)."""
+    from nodule_pipeline.hashing.evaluation import EvaluationConfig, evaluate
+    from nodule_pipeline.hashing.report import write_report
+    from nodule_pipeline.roi_table import assign_split, read_roi_table
+
+    table = assign_split(read_roi_table(Path(args.rois)), mode="patient", seed=args.split_seed)
+    profile = "quick" if args.quick else "full"
+    config = EvaluationConfig.profile(profile, bits=args.bits, epochs=args.epochs, seeds=args.seeds)
+    started = time.perf_counter()
+    evaluation = evaluate(table, config, log=lambda line: print(f"[{time.perf_counter() - started:6.0f} s] {line}"))
+    files = write_report(evaluation, Path(args.out))
+    ours = evaluation.report["ours"]
+    print(
+        f"ours: accuracy {ours['accuracy']:.4f}, P@10 {ours['p_at_10']:.4f}, MAP@10 {ours['map_at_k']['10']:.4f}, "
+        f"nDCG@10 {evaluation.report['ndcg_at_10']:.4f}"
+    )
+    print(f"report: {files['markdown']} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the Dagster UI on the instance and artefacts under ``--data-dir`` (127.0.0.1 only)."""
     from nodule_pipeline.resources import DATA_DIR_ENV
@@ -168,6 +189,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="training epochs of hash_model (default 25, the paper's)")
     parser.add_argument("--bits", type=int, help="hash bits (default 256, the paper's best)")
+    parser.add_argument(
+        "--report",
+        choices=["quick", "full", "none"],
+        default="quick",
+        help="retrieval_evaluation profile: quick (minutes), full (the whole report, ~45 min on 2 cores), none",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the results as JSON")
     search.add_argument("--picture", help="write the query beside its results to this PNG")
     search.set_defaults(func=cmd_search)
+
+    evaluate = commands.add_parser("evaluate-rois", help="train, index and evaluate on any ROI table")
+    evaluate.add_argument("rois", help="ROI table (parquet, the contract of DESIGN.md section 6)")
+    evaluate.add_argument("--out", required=True, help="folder for evaluation.json, evaluation.md and figures")
+    evaluate.add_argument("--bits", type=int)
+    evaluate.add_argument("--epochs", type=int)
+    evaluate.add_argument("--seeds", type=int)
+    evaluate.add_argument("--split-seed", type=int, default=0)
+    evaluate.add_argument("--quick", action="store_true", help="few epochs, two bit sizes, one seed (minutes)")
+    evaluate.set_defaults(func=cmd_evaluate_rois)
 
     ui = commands.add_parser("ui", help="open the Dagster UI on a data dir")
     ui.add_argument("--data-dir", default="data")

@@ -12,6 +12,7 @@ from nodule_pipeline.assets import ALL_ASSETS, INGESTION_ASSETS, LIBRARY_ASSETS
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.resources import (
     ArtefactIOManager,
+    ReportStore,
     ScanSource,
     default_data_dir,
     default_lidc_root,
@@ -62,6 +63,7 @@ def build_definitions(data_dir: Path | None = None, lidc_root: Path | None = Non
         resources={
             "scan_source": ScanSource(root=str(lidc_root)),
             "io_manager": ArtefactIOManager(base_dir=str(artefacts_dir(data_dir))),
+            "reports": ReportStore(folder=str(data_dir / "reports")),
         },
     )
 

@@ -86,6 +86,12 @@ class ScanSource(ConfigurableResource):
         return sorted(p.name for p in root.iterdir() if p.is_dir() and next(p.rglob("*.dcm"), None) is not None)
 
 
+class ReportStore(ConfigurableResource):
+    """Where human-readable reports go (``<data-dir>/reports``)."""
+
+    folder: str
+
+
 class ArtefactIOManager(ConfigurableIOManager):
     """Stores each asset (partition) in its own folder under ``base_dir`` in a compact format:
     scans as zstd int16 volumes + JSON, masks bit-packed, ROI tables as parquet, the model as a

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import BetaWarning, DagsterInstance, ExecuteInProcessResult, PreviewWarning
+from dagster import AssetKey, BetaWarning, DagsterInstance, ExecuteInProcessResult, PreviewWarning
 
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.errors import InputDataError, check_safe_key
@@ -21,7 +21,7 @@ from nodule_pipeline.resources import ScanSource, remember_lidc_root
 
 PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
 """Runs print only the assets' own messages (epochs, warnings), not Dagster's event stream."""
-LIBRARY_ASSET_NAMES = ("roi_dataset", "hash_model", "hash_index")
+LIBRARY_ASSET_NAMES = ("roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
 INSTANCE_YAML = "telemetry:\n  enabled: false\n"
 
 
@@ -82,10 +82,12 @@ def run_pipeline(
     data_dir: Path,
     patients: Iterable[str] | None = None,
     progress: Callable[[str], None] = print,
-    library_config: dict | None = None,
+    training: dict | None = None,
+    report: str = "quick",
 ) -> RunSummary:
     """Register the patients under ``lidc_root`` as partitions and materialize their chain, then
-    the library (dataset split, model, index; ``library_config`` is Dagster run config for them).
+    the library: dataset split, model (``training``: hash_model config), index and, unless
+    ``report`` is "none", the evaluation report ("quick" or "full" profile).
     Every patient is attempted; failures are collected with their reasons."""
     for category in (BetaWarning, PreviewWarning):  # Dagster's API-stability notes are not for end users
         warnings.filterwarnings("ignore", category=category)
@@ -137,9 +139,18 @@ def run_pipeline(
 
     library_ok, library_metadata = None, {}
     if any(o.ok for o in outcomes) or instance.get_dynamic_partitions(patients_partitions.name):
-        progress("library: roi_dataset (split), hash_model (training), hash_index over all materialized patients")
+        progress("library: roi_dataset (split), hash_model (training), hash_index, retrieval_evaluation")
+        ops = {"hash_model": {"config": training or {}}}
+        selection = [AssetKey(name) for name in LIBRARY_ASSET_NAMES]
+        if report == "none":
+            selection = selection[:-1]
+        else:
+            ops["retrieval_evaluation"] = {"config": {"profile": report}}
         result = defs.resolve_job_def("build_library").execute_in_process(
-            run_config={**PROGRESS_RUN_CONFIG, **(library_config or {})}, instance=instance, raise_on_error=False
+            run_config={**PROGRESS_RUN_CONFIG, "ops": ops},
+            instance=instance,
+            raise_on_error=False,
+            asset_selection=selection,
         )
         library_ok = result.success
         library_metadata = {name: _materialization_metadata(result, name) for name in LIBRARY_ASSET_NAMES}

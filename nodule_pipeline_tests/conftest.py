@@ -23,7 +23,7 @@ def materialized(lidc_sample: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from nodule_pipeline.runner import run_pipeline
 
     data_dir = tmp_path_factory.mktemp("sample-data")
-    summary = run_pipeline(lidc_sample, data_dir, progress=lambda _: None)
+    summary = run_pipeline(lidc_sample, data_dir, progress=lambda _: None, report="none")
     assert not summary.failed, [o.error for o in summary.failed]
     assert summary.library_ok
     return data_dir

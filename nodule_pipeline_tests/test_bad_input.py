@@ -72,7 +72,7 @@ def broken_root(lidc_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def first_run(broken_root: Path, tmp_path_factory: pytest.TempPathFactory):
     data_dir = tmp_path_factory.mktemp("data")
     lines: list[str] = []
-    summary = run_pipeline(broken_root, data_dir, progress=lines.append)
+    summary = run_pipeline(broken_root, data_dir, progress=lines.append, report="none")
     return data_dir, summary, lines
 
 
@@ -101,7 +101,7 @@ def test_good_patients_are_unaffected(first_run) -> None:
 
 def test_unsafe_partition_key_is_refused(first_run, broken_root: Path) -> None:
     data_dir, _, _ = first_run
-    summary = run_pipeline(broken_root, data_dir, patients=["../x"], progress=lambda _: None)
+    summary = run_pipeline(broken_root, data_dir, patients=["../x"], progress=lambda _: None, report="none")
     (outcome,) = summary.outcomes
     assert not outcome.ok and "'../x' is not a safe name" in outcome.error
     assert not (data_dir / "x").exists() and not (data_dir.parent / "x").exists()
@@ -116,7 +116,7 @@ def test_breaking_a_materialized_patient_keeps_its_results(first_run, broken_roo
     data = _replace_with_copy(victim)
     victim.write_bytes(data[:200])
     try:
-        summary = run_pipeline(broken_root, data_dir, patients=[GOOD], progress=lambda _: None)
+        summary = run_pipeline(broken_root, data_dir, patients=[GOOD], progress=lambda _: None, report="none")
     finally:
         victim.write_bytes(data)
     (outcome,) = summary.outcomes

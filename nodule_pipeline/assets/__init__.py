@@ -1,6 +1,7 @@
 """Thin asset modules, one per stage of the chain: load inputs, call the core, attach metadata."""
 
 from nodule_pipeline.assets.dataset import roi_dataset
+from nodule_pipeline.assets.evaluation import retrieval_evaluation
 from nodule_pipeline.assets.index import hash_index
 from nodule_pipeline.assets.lung_masks import lung_mask
 from nodule_pipeline.assets.model import hash_model
@@ -8,5 +9,5 @@ from nodule_pipeline.assets.rois import nodule_rois
 from nodule_pipeline.assets.scans import lidc_scan
 
 INGESTION_ASSETS = [lidc_scan, lung_mask, nodule_rois]
-LIBRARY_ASSETS = [roi_dataset, hash_model, hash_index]
+LIBRARY_ASSETS = [roi_dataset, hash_model, hash_index, retrieval_evaluation]
 ALL_ASSETS = [*INGESTION_ASSETS, *LIBRARY_ASSETS]
