@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= data
 DEMO_PATIENTS ?= 24
+REPORT ?= quick
 
 .PHONY: demo ui test lint venv clean-data
 
@@ -14,8 +15,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
-demo: venv  ## generate the demo data if absent, materialize every asset, print a summary
-	$(BIN)/nodule-pipeline demo --data-dir $(DATA_DIR) --patients $(DEMO_PATIENTS)
+demo: venv  ## generate the demo data if absent, materialize every asset, print a summary (REPORT=full: whole report)
+	$(BIN)/nodule-pipeline demo --data-dir $(DATA_DIR) --patients $(DEMO_PATIENTS) --report $(REPORT)
 
 ui: venv  ## the Dagster UI on the same instance (http://127.0.0.1:3000)
 	$(BIN)/nodule-pipeline ui --data-dir $(DATA_DIR)

@@ -45,6 +45,17 @@ def _print_summary(summary, data_dir: Path) -> None:
             f"hash_index {index.get('index_version')}: {index.get('items')} nodule ROIs, {index.get('bits')} bits, "
             f"{index.get('bytes_per_item')} bytes per item"
         )
+    evaluation = summary.library_metadata.get("retrieval_evaluation", {})
+    if "skipped" in evaluation:
+        print(f"retrieval_evaluation: skipped ({evaluation['skipped']})")
+    elif evaluation:
+        inflation = evaluation.get("map_at_10_leakage_inflation")
+        leak = f", MAP@10 inflation of the paper's ROI split {inflation:+.3f}" if inflation is not None else ""
+        print(
+            f"retrieval_evaluation: accuracy {evaluation['accuracy']:.3f}, P@10 {evaluation['p_at_10']:.3f}, "
+            f"MAP@10 {evaluation['map_at_10']:.3f}, nDCG@10 {evaluation['ndcg_at_10']:.3f}{leak}; "
+            f"report {evaluation.get('report')}"
+        )
     for outcome in summary.failed:
         print(f"FAILED {outcome.patient_id}: {outcome.error}")
     print(f"instance and artefacts: {data_dir}  (open the UI: nodule-pipeline ui --data-dir {data_dir})")
