@@ -27,7 +27,7 @@ class SmallCNN(nn.Module):
 
     The flattened 4x4 map keeps where things are (unlike global pooling), as AlexNet's fc6 does;
     ``features`` (B, fc_dim) is the analogue of AlexNet's fc7, the layer both baselines hash from.
-    About 3 MFLOP per ROI, so a few hundred ROIs train for an epoch in well under a second on a CPU core.
+    About 3 M multiply-adds per ROI, so a few hundred ROIs train for an epoch in well under a second on a CPU core.
     """
 
     def __init__(self, channels: tuple[int, int, int] = (16, 32, 64), fc_dim: int = 256, dropout: float = 0.5):

@@ -3,8 +3,8 @@
 Baselines take raw ROIs (n, 32, 32) like the paper's network does, so the evaluation calls every
 method the same way and no method sees a differently scaled image. The intensity map is the
 network's own :func:`normalise_rois` (fitted on the training ROIs, then frozen), so a baseline is
-compared with ours on exactly the same pixels. Computations run in float64: PCA and the
-least-squares solves of the shallow methods lose codes to rounding in float32.
+compared with ours on exactly the same pixels. Features are float64 so that PCA, the
+eigen-solvers and the least-squares solves of the shallow methods are not limited by float32 rounding.
 """
 
 from __future__ import annotations
