@@ -13,7 +13,7 @@ from dagster import materialize
 
 from nodule_pipeline.assets import ALL_ASSETS, roi_dataset
 from nodule_pipeline.errors import InputDataError
-from nodule_pipeline.resources import ArtefactIOManager, ScanSource
+from nodule_pipeline.resources import ArtefactIOManager, ReportStore, ScanSource
 from nodule_pipeline.roi_table import (
     assign_split,
     patients_on_both_sides,
@@ -71,6 +71,7 @@ def _materialize(tmp_path: Path, config: dict):
         resources={
             "io_manager": ArtefactIOManager(base_dir=str(tmp_path / "artefacts")),
             "scan_source": ScanSource(root=str(tmp_path)),
+            "reports": ReportStore(folder=str(tmp_path / "reports")),
         },
         run_config={"ops": {"roi_dataset": {"config": config}}},
         raise_on_error=False,
