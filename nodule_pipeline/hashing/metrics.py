@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from nodule_pipeline.lidc.annotations import CHARACTERISTICS
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -43,18 +45,8 @@ class RatingScale(NamedTuple):
     categorical: bool = False
 
 
-RATING_NAMES = (
-    "subtlety",
-    "internalStructure",
-    "calcification",
-    "sphericity",
-    "margin",
-    "lobulation",
-    "spiculation",
-    "texture",
-    "malignancy",
-)
-"""LIDC's nine characteristics, in the order of ``nodule_pipeline.lidc.annotations.CHARACTERISTICS``."""
+RATING_NAMES = CHARACTERISTICS
+"""LIDC's nine characteristics (malignancy last), as the annotation parser names them."""
 
 LIDC_SCALES: dict[str, RatingScale] = {
     "subtlety": RatingScale(1, 5),
