@@ -129,10 +129,10 @@ def examples_figure(evaluation: Evaluation) -> bytes:
         ranked = [r for r in evaluation.example_rankings[q] if r >= 0]
         png = search_results(
             query_images[q],
-            f"query label {int(queries['label'].iloc[q])}",
+            "Q " + ("malig." if int(queries["label"].iloc[q]) else "benign"),
             [database_images[r] for r in ranked],
             [int(database["label"].iloc[r]) for r in ranked],
-            [f"#{i + 1} {database['nodule_id'].iloc[r][-12:]}" for i, r in enumerate(ranked)],
+            [f"#{i + 1} {database['nodule_id'].iloc[r].removeprefix('LIDC-IDRI-')}" for i, r in enumerate(ranked)],
             zoom=2,
         )
         rows.append(Image.open(io.BytesIO(png)).convert("RGB"))
