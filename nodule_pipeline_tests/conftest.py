@@ -10,6 +10,18 @@ LIDC_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "lidc-sample"
 SAMPLE_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Pin torch to one thread for a module: on a busy 2-core machine two OpenMP threads can run
+    tiny training steps up to 100x slower, and forward passes use the global thread count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def lidc_sample() -> Path:
     if not (LIDC_SAMPLE / SAMPLE_PATIENTS[0]).is_dir():

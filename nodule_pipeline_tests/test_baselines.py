@@ -27,12 +27,7 @@ from nodule_pipeline.hashing.search import hamming_distances_batch
 EPOCHS = 8  # deep baselines: enough for these data, about a second per fit on one thread
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_rois(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from nodule_pipeline.cli import main
 from nodule_pipeline.hashing.evaluation import EvaluationConfig, NotEnoughData, evaluate, rank_by_hamming
@@ -46,12 +45,7 @@ def _separable_table(patients: int = 14, per_patient: int = 8, seed: int = 0) ->
     return pd.DataFrame(rows)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_report_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

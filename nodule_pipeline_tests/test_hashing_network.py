@@ -35,13 +35,7 @@ SMALL = {"lstm_hidden": 16, "attention_dim": 16, "fc_dim": 64, "cnn_channels": (
 FAST = {"epochs": 10, "num_threads": 1, "seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Forward passes outside training use torch's global thread count: pin it for this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_rois(n_patients: int = 30, per_patient: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
