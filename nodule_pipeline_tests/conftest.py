@@ -8,6 +8,8 @@ import pytest
 
 LIDC_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "lidc-sample"
 SAMPLE_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
+QUICK_TRAINING = {"epochs": 2}
+"""``hash_model`` config for tests on a handful of ROIs: brief training, whatever its accuracy."""
 
 
 @pytest.fixture(scope="module")
