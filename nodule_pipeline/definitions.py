@@ -1,4 +1,4 @@
-"""The one Definitions object: assets, checks, jobs and resources of nodule_pipeline."""
+"""The one Definitions object: assets, checks, jobs, sensors, schedules and resources."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import logging
 import sys
 from pathlib import Path
 
-from dagster import AssetSelection, Definitions, InitLoggerContext, define_asset_job, logger
+from dagster import Definitions, InitLoggerContext, logger
 
-from nodule_pipeline.assets import ALL_ASSETS, INGESTION_ASSETS, LIBRARY_ASSETS
-from nodule_pipeline.partitions import patients_partitions
+from nodule_pipeline.assets import ALL_ASSETS, ALL_CHECKS
+from nodule_pipeline.automation import SCHEDULES, SENSORS
+from nodule_pipeline.jobs import ALL_JOBS
 from nodule_pipeline.resources import (
     ArtefactIOManager,
     ReportStore,
@@ -18,18 +19,6 @@ from nodule_pipeline.resources import (
     default_lidc_root,
 )
 from nodule_pipeline.storage import artefacts_dir
-
-ingest_patient_job = define_asset_job(
-    "ingest_patient",
-    selection=AssetSelection.assets(*INGESTION_ASSETS),
-    partitions_def=patients_partitions,
-    description="Scan to lung mask to ROIs for one patient partition.",
-)
-build_library_job = define_asset_job(
-    "build_library",
-    selection=AssetSelection.assets(*LIBRARY_ASSETS),
-    description="All patients' ROIs split, the hashing network trained on them, and the hash index.",
-)
 
 
 class _StepMessages(logging.Handler):
@@ -58,7 +47,10 @@ def build_definitions(data_dir: Path | None = None, lidc_root: Path | None = Non
     lidc_root = (lidc_root or default_lidc_root(data_dir)).resolve()
     return Definitions(
         assets=ALL_ASSETS,
-        jobs=[ingest_patient_job, build_library_job],
+        asset_checks=ALL_CHECKS,
+        jobs=ALL_JOBS,
+        sensors=SENSORS,
+        schedules=SCHEDULES,
         loggers={"progress": progress_logger},
         resources={
             "scan_source": ScanSource(root=str(lidc_root)),

@@ -23,7 +23,7 @@ from nodule_pipeline.hashing.training import load_model, read_model_card, save_m
 from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
 from nodule_pipeline.lidc.series import CtSeries, find_series_folders, open_scan, save_scan
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
-from nodule_pipeline.storage import artefact_folder, atomic_write
+from nodule_pipeline.storage import artefact_folder, atomic_write, model_version_folder
 
 DATA_DIR_ENV = "NODULE_PIPELINE_DATA_DIR"
 LIDC_ROOT_ENV = "NODULE_PIPELINE_LIDC_ROOT"
@@ -109,6 +109,7 @@ class ArtefactIOManager(ConfigurableIOManager):
         if isinstance(obj, pd.DataFrame):
             write_roi_table(obj, folder / "rois.parquet")
         elif isinstance(obj, ModelArtefact):
+            save_model(obj.model, model_version_folder(Path(self.base_dir), obj.card["model_version"]), obj.card)
             save_model(obj.model, folder, obj.card)
         elif isinstance(obj, HashIndex):
             save_index(obj, folder)

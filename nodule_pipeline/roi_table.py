@@ -65,18 +65,17 @@ def validate_roi_table(table: pd.DataFrame, source: str | Path = "ROI table") ->
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputDataError(f"row {row}: label {table['label'].iloc[row]} is not 0 or 1", path=source)
-    images = []
-    for row, value in enumerate(table["image"]):
-        image = np.asarray(value, dtype=np.float32).reshape(-1)
-        if image.size != ROI_SIZE * ROI_SIZE:
-            raise InputDataError(
-                f"row {row}: image has {image.size} values, expected {ROI_SIZE * ROI_SIZE}",
-                path=source,
-            )
-        if not np.isfinite(image).all():
-            raise InputDataError(f"row {row}: image holds NaN or infinite values", path=source)
-        images.append(image)
-    table["image"] = images
+    bad = invalid_images(table)
+    if bad:
+        row = bad[0]
+        image = np.asarray(table["image"].iloc[row], dtype=np.float32)
+        reason = (
+            f"image has {image.size} values, expected {ROI_SIZE * ROI_SIZE}"
+            if image.size != ROI_SIZE * ROI_SIZE
+            else "image holds NaN or infinite values"
+        )
+        raise InputDataError(f"row {row}: {reason} ({len(bad)} bad row(s) in all)", path=source)
+    table["image"] = [np.asarray(value, dtype=np.float32).reshape(-1) for value in table["image"]]
     table["patient_id"] = table["patient_id"].astype(str)
     table["nodule_id"] = table["nodule_id"].astype(str)
     for column, dtype in _INT_COLUMNS.items():
@@ -157,6 +156,42 @@ def assign_split(
         raise ValueError(f"split mode must be 'patient' or 'roi', got {mode!r}")
     table[SPLIT_COLUMN] = np.where(is_test, TEST, TRAIN)
     return table
+
+
+def extend_split(table: pd.DataFrame, previous: dict[str, list[str]]) -> pd.DataFrame:
+    """Add ``split`` keeping an earlier patient split: patients listed in ``previous``
+    (``{"train": [...], "test": [...]}``) stay on their side, every other patient joins the
+    training side, which is the search database. New scans thus grow the library without
+    entering the test split an existing model and evaluation were measured on."""
+    side = {patient: name for name in (TRAIN, TEST) for patient in previous.get(name, [])}
+    table = table.copy()
+    table[SPLIT_COLUMN] = table["patient_id"].map(side).fillna(TRAIN).astype(str)
+    return table
+
+
+def split_patients(table: pd.DataFrame) -> dict[str, list[str]]:
+    """The patients on each side of a split table (what :func:`extend_split` keeps)."""
+    return {
+        name: sorted(table.loc[table[SPLIT_COLUMN] == name, "patient_id"].unique().tolist()) for name in (TRAIN, TEST)
+    }
+
+
+def malignant_fractions(table: pd.DataFrame) -> dict[str, float | None]:
+    """The share of malignant ROIs on each side of the split (None for an empty side)."""
+    return {
+        name: float(rows["label"].mean()) if len(rows := table[table[SPLIT_COLUMN] == name]) else None
+        for name in (TRAIN, TEST)
+    }
+
+
+def invalid_images(table: pd.DataFrame) -> list[int]:
+    """Rows whose image is not 32x32 finite values (the contract every model input must meet)."""
+    bad = []
+    for row, value in enumerate(table["image"]):
+        image = np.asarray(value, dtype=np.float32)
+        if image.size != ROI_SIZE * ROI_SIZE or not np.isfinite(image).all():
+            bad.append(row)
+    return bad
 
 
 def patients_on_both_sides(table: pd.DataFrame) -> list[str]:

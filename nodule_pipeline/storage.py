@@ -54,3 +54,9 @@ def artefact_folder(base_dir: Path, asset_path: list[str], partition_key: str | 
 
 def artefacts_dir(data_dir: Path) -> Path:
     return data_dir / "artefacts"
+
+
+def model_version_folder(base_dir: Path, model_version: str) -> Path:
+    """Every trained model is also kept under its version, so an index can always be searched
+    with the exact model that encoded it, even after a retrain that failed its checks."""
+    return base_dir / "hash_model_versions" / check_safe_key(model_version, "model version")

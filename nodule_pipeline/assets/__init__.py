@@ -2,7 +2,7 @@
 
 from nodule_pipeline.assets.dataset import roi_dataset
 from nodule_pipeline.assets.evaluation import retrieval_evaluation
-from nodule_pipeline.assets.index import hash_index
+from nodule_pipeline.assets.index import hash_index, index_rows_match_database, index_uses_current_model
 from nodule_pipeline.assets.lung_masks import lung_mask
 from nodule_pipeline.assets.model import hash_model
 from nodule_pipeline.assets.rois import nodule_rois
@@ -11,3 +11,4 @@ from nodule_pipeline.assets.scans import lidc_scan
 INGESTION_ASSETS = [lidc_scan, lung_mask, nodule_rois]
 LIBRARY_ASSETS = [roi_dataset, hash_model, hash_index, retrieval_evaluation]
 ALL_ASSETS = [*INGESTION_ASSETS, *LIBRARY_ASSETS]
+ALL_CHECKS = [index_rows_match_database, index_uses_current_model]

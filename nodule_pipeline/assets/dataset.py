@@ -9,44 +9,82 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
     Config,
+    DataVersion,
     MetadataValue,
     Output,
     asset,
 )
 
+from nodule_pipeline.assets.refresh import WHEN_NEW_ROIS
 from nodule_pipeline.pictures import markdown_image, roi_montage
 from nodule_pipeline.roi_table import (
     SPLIT_COLUMN,
     assign_split,
     empty_roi_table,
+    extend_split,
+    invalid_images,
+    malignant_fractions,
     patients_on_both_sides,
     read_roi_table,
     roi_images,
+    split_patients,
+    table_fingerprint,
 )
 
 NO_PATIENT_ON_BOTH_SIDES = "no_patient_on_both_sides"
+ROIS_FINITE_32X32 = "rois_finite_32x32"
+LABEL_BALANCE = "label_balance"
+SPLIT_METADATA = "split_patients"
 
 
 class SplitConfig(Config):
     """How the table is split. ``patient`` (default) keeps each patient on one side; ``roi`` is
     the paper's random split of ROIs (leaky, kept to measure the leak). ``external_roi_table``
-    replaces the LIDC-derived rows with any parquet table of the ROI-table contract."""
+    replaces the LIDC-derived rows with any parquet table of the ROI-table contract.
+
+    In patient mode a refresh keeps the previous split (same mode, fraction and seed): known
+    patients stay on their side and new patients join the training side, the search database.
+    ``resplit`` draws a fresh split instead. ``malignant_fraction_min``/``_max`` bound the share
+    of malignant ROIs on each side (the ``label_balance`` check)."""
 
     mode: Literal["patient", "roi"] = "patient"
     test_fraction: float = 0.3
     seed: int = 0
     external_roi_table: str | None = None
+    resplit: bool = False
+    malignant_fraction_min: float = 0.2
+    malignant_fraction_max: float = 0.8
+
+
+def previous_split(context: AssetExecutionContext, config: SplitConfig) -> dict[str, list[str]] | None:
+    """The patient split of the last ``roi_dataset`` made with the same settings, if any."""
+    if config.resplit or config.mode != "patient":
+        return None
+    event = context.instance.get_latest_materialization_event(AssetKey("roi_dataset"))
+    metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    settings = metadata.get("split_settings")
+    wanted = {"mode": config.mode, "test_fraction": config.test_fraction, "seed": config.seed}
+    if SPLIT_METADATA not in metadata or settings is None or settings.value != wanted:
+        return None
+    return metadata[SPLIT_METADATA].value
 
 
 @asset(
     group_name="dataset",
-    code_version="1",
+    code_version="2",
     kinds={"parquet"},
-    check_specs=[AssetCheckSpec(NO_PATIENT_ON_BOTH_SIDES, asset="roi_dataset", blocking=True)],
+    automation_condition=WHEN_NEW_ROIS,
+    check_specs=[
+        AssetCheckSpec(NO_PATIENT_ON_BOTH_SIDES, asset="roi_dataset", blocking=True),
+        AssetCheckSpec(ROIS_FINITE_32X32, asset="roi_dataset", blocking=True),
+        AssetCheckSpec(LABEL_BALANCE, asset="roi_dataset"),
+    ],
 )
 def roi_dataset(context: AssetExecutionContext, config: SplitConfig, nodule_rois: dict[str, pd.DataFrame]):
-    """The union of every materialized patient's ROIs plus a ``split`` column (70/30 by default)."""
+    """The union of every materialized patient's ROIs plus a ``split`` column (70/30 by default);
+    refreshes by itself when patients' ROIs land."""
     if config.external_roi_table:
         source = config.external_roi_table
         table = read_roi_table(Path(source))
@@ -54,14 +92,27 @@ def roi_dataset(context: AssetExecutionContext, config: SplitConfig, nodule_rois
         source = f"nodule_rois ({len(nodule_rois)} patients)"
         parts = [t for _, t in sorted(nodule_rois.items()) if len(t)]
         table = pd.concat(parts, ignore_index=True) if parts else empty_roi_table()
-    table = (
-        assign_split(table, config.mode, config.test_fraction, config.seed) if len(table) else table.assign(split="")
-    )
+    kept = previous_split(context, config)
+    if not len(table):
+        table = table.assign(split="")
+    elif kept is not None:
+        table = extend_split(table, kept)
+        known = set(kept["train"]) | set(kept["test"])
+        context.log.info(
+            f"kept the earlier split of {len(known)} patients; "
+            f"{table.loc[~table['patient_id'].isin(known), 'patient_id'].nunique()} new patient(s) join the database"
+        )
+    else:
+        table = assign_split(table, config.mode, config.test_fraction, config.seed)
     leaks = patients_on_both_sides(table)
     counts = table.groupby([SPLIT_COLUMN, "label"]).size()
     split_table = {f"{side}_{'malignant' if label else 'benign'}": int(n) for (side, label), n in counts.items()}
+    fractions = malignant_fractions(table) if len(table) else {}
+    bad_rows = invalid_images(table)
+    version = table_fingerprint(table)
     yield Output(
         table,
+        data_version=DataVersion(version),
         metadata={
             "rows": len(table),
             "patients": int(table["patient_id"].nunique()),
@@ -69,6 +120,12 @@ def roi_dataset(context: AssetExecutionContext, config: SplitConfig, nodule_rois
             "split_mode": config.mode,
             "seed": config.seed,
             "source": source,
+            "data_version": version,
+            "split_kept": kept is not None,
+            "split_settings": MetadataValue.json(
+                {"mode": config.mode, "test_fraction": config.test_fraction, "seed": config.seed}
+            ),
+            SPLIT_METADATA: MetadataValue.json(split_patients(table) if len(table) else {"train": [], "test": []}),
             **split_table,
             "montage": MetadataValue.md(
                 markdown_image(roi_montage(roi_images(table), table["label"].to_numpy()), "ROIs")
@@ -85,5 +142,20 @@ def roi_dataset(context: AssetExecutionContext, config: SplitConfig, nodule_rois
             "patients_on_both_sides": len(leaks),
             "examples": MetadataValue.json(leaks[:10]),
             "mode": config.mode,
+        },
+    )
+    yield AssetCheckResult(
+        check_name=ROIS_FINITE_32X32,
+        passed=not bad_rows,
+        metadata={"rois": len(table), "invalid_rows": len(bad_rows), "examples": MetadataValue.json(bad_rows[:10])},
+    )
+    low, high = config.malignant_fraction_min, config.malignant_fraction_max
+    yield AssetCheckResult(
+        check_name=LABEL_BALANCE,
+        passed=bool(fractions) and all(f is not None and low <= f <= high for f in fractions.values()),
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            **{f"{side}_malignant_fraction": round(f, 3) if f is not None else -1.0 for side, f in fractions.items()},
+            "bounds": MetadataValue.json([low, high]),
         },
     )

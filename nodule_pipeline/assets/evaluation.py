@@ -7,6 +7,7 @@ from typing import Literal
 import pandas as pd
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 
+from nodule_pipeline.assets.refresh import AFTER_RETRAIN
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.evaluation import EvaluationConfig, NotEnoughData, evaluate
 from nodule_pipeline.hashing.report import render_markdown, write_report
@@ -26,7 +27,7 @@ class EvaluationSettings(Config):
     epochs: int | None = None
 
 
-@asset(group_name="evaluation", code_version="1", kinds={"json", "markdown"})
+@asset(group_name="evaluation", code_version="1", kinds={"json", "markdown"}, automation_condition=AFTER_RETRAIN)
 def retrieval_evaluation(
     context: AssetExecutionContext,
     config: EvaluationSettings,
@@ -66,6 +67,7 @@ def retrieval_evaluation(
             "map_at_10_leakage_inflation": (leakage.get("inflation") or {}).get("map_at_10"),
             "model_version": hash_model.model_version,
             "data_version": report["lineage"]["data_version"],
+            "patient_ids": MetadataValue.json(report["lineage"]["patients"]),
             "report": MetadataValue.path(str(files["markdown"])),
             "tables": MetadataValue.md(render_markdown(report).split("## Example queries")[0]),
             "map_at_k": MetadataValue.md(markdown_image(files["map_at_k"].read_bytes(), "MAP@k")),

@@ -4,10 +4,21 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    AssetIn,
+    Config,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+    asset_check,
+)
 
+from nodule_pipeline.assets.refresh import WHEN_DATASET_OR_MODEL_CHANGES
 from nodule_pipeline.hashing.card import ModelArtefact
-from nodule_pipeline.hashing.index import build_index, bytes_per_item
+from nodule_pipeline.hashing.index import HashIndex, build_index, bytes_per_item
 from nodule_pipeline.hashing.search import search
 from nodule_pipeline.hashing.training import encode
 from nodule_pipeline.pictures import markdown_image, search_results
@@ -20,6 +31,17 @@ class IndexConfig(Config):
     """``train``: the paper's database is the training split; ``all`` indexes every row."""
 
     database: Literal["train", "all"] = "train"
+
+
+def database_rows(roi_dataset: pd.DataFrame, database: str) -> pd.DataFrame:
+    """The rows an index over ``roi_dataset`` holds, in index order."""
+    return roi_dataset if database == "all" else roi_dataset[roi_dataset[SPLIT_COLUMN] == TRAIN]
+
+
+def row_keys(table: pd.DataFrame) -> list[tuple[str, ...]]:
+    """Per-row identity for comparing an index with a table: patient, nodule and annotation."""
+    columns = [c for c in ("patient_id", "nodule_id", "annotation_id") if c in table.columns]
+    return list(table[columns].astype(str).itertuples(index=False, name=None))
 
 
 def example_pictures(index, model, queries: pd.DataFrame, k: int = 6) -> str:
@@ -40,14 +62,22 @@ def example_pictures(index, model, queries: pd.DataFrame, k: int = 6) -> str:
     return "\n\n".join(pictures) or "no test queries"
 
 
-@asset(group_name="hashing", code_version="1", kinds={"numpy"})
+@asset(
+    group_name="hashing",
+    code_version="2",
+    kinds={"numpy"},
+    automation_condition=WHEN_DATASET_OR_MODEL_CHANGES,
+)
 def hash_index(
     context: AssetExecutionContext, config: IndexConfig, hash_model: ModelArtefact, roi_dataset: pd.DataFrame
 ):
     """Bit-packed codes, fc features, labels, ids and characteristics of the database rows,
-    computed with the current model; records the model and data versions it was built from."""
-    rows = roi_dataset if config.database == "all" else roi_dataset[roi_dataset[SPLIT_COLUMN] == TRAIN]
+    computed with the current model (no retraining); records the model version, the data version
+    and the patient set it was built from. Refreshes by itself when the dataset or model changes."""
+    rows = database_rows(roi_dataset, config.database)
     images = roi_images(rows)
+    patients = sorted(rows["patient_id"].unique().tolist())
+    data_version = table_fingerprint(roi_dataset)
     encoded = encode(hash_model.model, images)
     items = rows.drop(columns=["image"]).reset_index(drop=True)
     index = build_index(
@@ -58,6 +88,7 @@ def hash_index(
         model_version=hash_model.model_version,
         predicted=encoded.predicted,
         rois=images,
+        lineage={"data_version": data_version, "database": config.database, "patients": patients},
     )
     labels = index.labels
     queries = roi_dataset[roi_dataset[SPLIT_COLUMN] == TEST]
@@ -66,7 +97,7 @@ def hash_index(
         data_version=DataVersion(index.index_version),
         metadata={
             "items": len(index),
-            "patients": int(items["patient_id"].nunique()) if len(items) else 0,
+            "patients": len(patients),
             "benign": int((labels == 0).sum()),
             "malignant": int((labels == 1).sum()),
             "bits": index.bits,
@@ -74,10 +105,45 @@ def hash_index(
             "database": config.database,
             "model_version": index.model_version,
             "index_version": index.index_version,
-            "data_version": table_fingerprint(roi_dataset),
+            "data_version": data_version,
+            "patient_ids": MetadataValue.json(patients),
             "model_data_version": str(hash_model.card.get("data_version")),
             "example_queries": MetadataValue.md(
                 example_pictures(index, hash_model.model, queries) if len(index) else ""
             ),
         },
+    )
+
+
+@asset_check(
+    asset=hash_index,
+    additional_ins={"roi_dataset": AssetIn("roi_dataset")},
+    description="The index holds exactly the database rows of the current roi_dataset (none missing, none stale).",
+)
+def index_rows_match_database(hash_index: HashIndex, roi_dataset: pd.DataFrame) -> AssetCheckResult:
+    expected = row_keys(database_rows(roi_dataset, hash_index.lineage.get("database", "train")))
+    held = row_keys(hash_index.items)
+    missing, stale = set(expected) - set(held), set(held) - set(expected)
+    return AssetCheckResult(
+        passed=expected == held,
+        metadata={
+            "index_rows": len(held),
+            "database_rows": len(expected),
+            "missing_from_index": len(missing),
+            "not_in_database": len(stale),
+            "examples": MetadataValue.json([list(k) for k in sorted(missing | stale)[:10]]),
+        },
+    )
+
+
+@asset_check(
+    asset=hash_index,
+    additional_ins={"hash_model": AssetIn("hash_model")},
+    description="The index codes were computed by the current hash_model version.",
+)
+def index_uses_current_model(hash_index: HashIndex, hash_model: ModelArtefact) -> AssetCheckResult:
+    current = str(hash_model.card.get("model_version", ""))
+    return AssetCheckResult(
+        passed=hash_index.model_version == current,
+        metadata={"index_model_version": hash_index.model_version, "current_model_version": current},
     )

@@ -5,7 +5,17 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from dagster import AssetExecutionContext, AssetKey, Config, DataVersion, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    Config,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
 
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.card import ModelArtefact, library_versions, weights_fingerprint
@@ -23,7 +33,8 @@ from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, roi_images, tab
 
 class TrainingConfig(Config):
     """The paper's settings by default: 256 bits, Adam, batch 32, 25 epochs, L2 0.01.
-    ``validation_fraction`` carves validation patients out of the training split, never the test split."""
+    ``validation_fraction`` carves validation patients out of the training split, never the test split.
+    ``accuracy_floor``: the least test-split accuracy a model needs to reach the index (a blocking check)."""
 
     bits: int = 256
     variant: Literal[
@@ -36,6 +47,7 @@ class TrainingConfig(Config):
     seed: int = 0
     device: str = "auto"
     validation_fraction: float = 0.0
+    accuracy_floor: float = 0.7
 
 
 def upstream_metadata(context: AssetExecutionContext, asset: str, key: str) -> object:
@@ -45,7 +57,15 @@ def upstream_metadata(context: AssetExecutionContext, asset: str, key: str) -> o
     return entry.value if entry is not None else None
 
 
-@asset(group_name="hashing", code_version="1", kinds={"pytorch"})
+ACCURACY_FLOOR = "test_accuracy_floor"
+
+
+@asset(
+    group_name="hashing",
+    code_version="1",
+    kinds={"pytorch"},
+    check_specs=[AssetCheckSpec(ACCURACY_FLOOR, asset="hash_model", blocking=True)],
+)
 def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_dataset: pd.DataFrame):
     """Cross-entropy plus L2, Adam, seeded; CUDA with mixed precision when present. Test-split
     metrics go into the model card with the data version and split it was trained on."""
@@ -105,7 +125,7 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
         [h.accuracy for h in history],
         f"{config.variant}, {config.bits} bits",
     )
-    return Output(
+    yield Output(
         ModelArtefact(model, card),
         data_version=DataVersion(version),
         metadata={
@@ -121,4 +141,24 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
             "curves": MetadataValue.md(markdown_image(curve, "loss and accuracy per epoch")),
             "card": MetadataValue.json(card),
         },
+    )
+    accuracy = metrics.get("accuracy")
+    passed = accuracy is not None and accuracy >= config.accuracy_floor
+    if not passed:
+        context.log.error(
+            f"model {version}: test accuracy {accuracy if accuracy is not None else 'unmeasured (no test split)'} "
+            f"is below the floor {config.accuracy_floor}; the index keeps the model it was built with"
+        )
+    yield AssetCheckResult(
+        check_name=ACCURACY_FLOOR,
+        passed=passed,
+        metadata={
+            "test_accuracy": float(accuracy) if accuracy is not None else -1.0,
+            "floor": config.accuracy_floor,
+            "test_rois": len(test),
+            "model_version": version,
+        },
+        description=None
+        if accuracy is not None
+        else "no test split to measure the model on: it cannot reach the index",
     )

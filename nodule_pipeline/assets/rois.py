@@ -2,13 +2,13 @@
 
 import numpy as np
 import pandas as pd
-from dagster import AssetExecutionContext, Config, MetadataValue, asset
+from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
 
 from nodule_pipeline.lidc.rois import RoiSettings, extract_rois
 from nodule_pipeline.lidc.series import CtSeries
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.pictures import markdown_image, roi_montage
-from nodule_pipeline.roi_table import empty_roi_table, roi_images, validate_roi_table
+from nodule_pipeline.roi_table import empty_roi_table, roi_images, table_fingerprint, validate_roi_table
 
 
 class RoiConfig(Config):
@@ -20,7 +20,7 @@ class RoiConfig(Config):
 @asset(partitions_def=patients_partitions, group_name="ingestion", code_version="1", kinds={"parquet"})
 def nodule_rois(
     context: AssetExecutionContext, config: RoiConfig, lidc_scan: list[CtSeries], lung_mask: dict[str, np.ndarray]
-) -> pd.DataFrame:
+):
     """ROI rows in the ROI-table contract: image, annotation and nodule labels, the nine
     characteristics, diameter and position in the scan."""
     settings = RoiSettings(mask_outside_lung=config.mask_outside_lung)
@@ -32,14 +32,17 @@ def nodule_rois(
     tables = [t for t in tables if len(t)]
     rois = validate_roi_table(pd.concat(tables, ignore_index=True) if tables else empty_roi_table())
     labels = rois["label"].to_numpy()
-    context.add_output_metadata(
-        {
+    version = table_fingerprint(rois)
+    return Output(
+        rois,
+        data_version=DataVersion(version),
+        metadata={
             **{key: int(value) for key, value in totals.items()},
             "benign": int((labels == 0).sum()),
             "malignant": int((labels == 1).sum()),
             "montage": MetadataValue.md(
                 markdown_image(roi_montage(roi_images(rois), labels), "ROIs") if len(rois) else "no ROIs"
             ),
-        }
+            "data_version": version,
+        },
     )
-    return rois

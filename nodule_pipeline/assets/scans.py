@@ -4,13 +4,17 @@ import time
 
 from dagster import AssetExecutionContext, MetadataValue, asset
 
+from nodule_pipeline.arrivals import content_fingerprint
 from nodule_pipeline.lidc.series import CtSeries, load_series
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.pictures import markdown_image, mask_overlay
 from nodule_pipeline.resources import ScanSource
 
+SOURCE_FINGERPRINT = "source_fingerprint"
+"""Content hash of the patient folder ingested: how the new-scan sensor knows a delivery is not new."""
 
-@asset(partitions_def=patients_partitions, group_name="ingestion", code_version="1", kinds={"dicom", "numpy"})
+
+@asset(partitions_def=patients_partitions, group_name="ingestion", code_version="2", kinds={"dicom", "numpy"})
 def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[CtSeries]:
     """Every CT series of the patient (TCIA layout) with its LIDC XML annotations, validated:
     readable slices, one series per folder, no missing or duplicate slices, annotations on
@@ -29,6 +33,7 @@ def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[C
             "annotation_files": MetadataValue.json([str(s.annotations.xml_path) for s in series_list]),
             "volume_mb": round(sum(s.hu.nbytes for s in series_list) / 2**20, 1),
             "source": MetadataValue.path(str(scan_source.patient_dir(patient_id))),
+            SOURCE_FINGERPRINT: content_fingerprint(scan_source.patient_dir(patient_id)),
             "seconds": round(time.perf_counter() - started, 2),
             "middle_slice": MetadataValue.md(markdown_image(mask_overlay(middle, middle < -10000), "middle slice")),
         }

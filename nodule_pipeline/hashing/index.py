@@ -64,6 +64,7 @@ class HashIndex:
     index_version: str  # content hash (see compute_index_version), named in every search result
     format_version: int = FORMAT_VERSION
     rois: np.ndarray | None = None  # int16 (n, 32, 32) HU, for pictures of results; search never reads it
+    lineage: dict[str, Any] = field(default_factory=dict)  # what it was built from (data version, patients)
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +106,7 @@ def build_index(
     model_version: str,
     predicted: np.ndarray | None = None,
     rois: np.ndarray | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> HashIndex:
     """Validate and assemble an index from the model's outputs on the database split.
 
@@ -112,7 +114,8 @@ def build_index(
     a ``uint8`` array is always taken as packed. ``fc`` is rounded to float16 here, once, so an
     index behaves the same before and after a save/load round trip. ``predicted`` defaults to -1
     (unknown). ``rois`` (optional) are kept as int16 HU thumbnails for result pictures; they are
-    not part of the content hash nor of the search.
+    not part of the content hash nor of the search. ``lineage`` (JSON-ready) is stored in the
+    manifest: the data version and patients the database came from.
     """
     codes = np.asarray(codes)
     if codes.ndim != 2:
@@ -167,6 +170,7 @@ def build_index(
         model_version=str(model_version),
         index_version=version,
         rois=None if rois is None else np.clip(np.rint(rois), -32768, 32767).astype(np.int16),
+        lineage=dict(lineage or {}),
     )
 
 
@@ -267,6 +271,7 @@ def save_index(index: HashIndex, folder: Path | str) -> Path:
             "label_counts": {str(int(lab)): int(c) for lab, c in zip(labels, counts)},
             "bytes_per_item": bytes_per_item(index),
             "files": list(_DATA_FILES),
+            "lineage": index.lineage,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -331,6 +336,7 @@ def load_index(folder: Path | str, mmap: bool = True, verify: bool = False) -> H
             bits=int(bits),
             model_version=str(manifest.get("model_version", "")),
             index_version=str(manifest.get("index_version", "")),
+            lineage=manifest.get("lineage", {}),
             rois=np.load(folder / ROIS_FILE, mmap_mode=mode, allow_pickle=False)
             if (folder / ROIS_FILE).is_file()
             else None,

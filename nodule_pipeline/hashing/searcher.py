@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from nodule_pipeline.errors import InputDataError
-from nodule_pipeline.hashing.index import HashIndex, load_index
+from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
 from nodule_pipeline.hashing.search import SearchHit, search
 from nodule_pipeline.hashing.training import TrainedModel, encode, load_model, read_model_card
 from nodule_pipeline.lidc.lung_mask import segment_lungs
@@ -23,7 +23,7 @@ from nodule_pipeline.lidc.rois import query_roi_at
 from nodule_pipeline.lidc.series import load_series
 from nodule_pipeline.pictures import LUNG_WINDOW
 from nodule_pipeline.roi_table import ROI_SIZE
-from nodule_pipeline.storage import artefact_folder, artefacts_dir
+from nodule_pipeline.storage import artefact_folder, artefacts_dir, model_version_folder
 
 MODES = ("hierarchical", "hamming", "rerank")
 
@@ -116,7 +116,12 @@ class NoduleSearcher:
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> NoduleSearcher:
         base = artefacts_dir(data_dir.resolve())
-        return cls.from_paths(artefact_folder(base, ["hash_model"]), artefact_folder(base, ["hash_index"]))
+        index_dir = artefact_folder(base, ["hash_index"])
+        model_dir = artefact_folder(base, ["hash_model"])
+        if index_dir.is_dir():  # the exact model that encoded the index, even if a newer one exists
+            versioned = model_version_folder(base, read_manifest(index_dir)["model_version"])
+            model_dir = versioned if versioned.is_dir() else model_dir
+        return cls.from_paths(model_dir, index_dir)
 
     def search_roi(
         self,

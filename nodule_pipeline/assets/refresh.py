@@ -1,0 +1,34 @@
+"""When the library assets refresh by themselves (declarative automation).
+
+New patients' ROIs refresh ``roi_dataset`` and then ``hash_index`` with the current model, with
+no retraining; ``hash_model`` retrains only on its schedule or by hand, and the evaluation
+follows a retrain. Unlike ``AutomationCondition.eager()`` a patient whose ingestion failed
+(a missing partition upstream) does not hold the library back.
+"""
+
+from dagster import AssetSelection, AutomationCondition
+
+_SETTLED = ~AutomationCondition.any_deps_in_progress() & ~AutomationCondition.in_progress()
+
+WHEN_NEW_ROIS = (AutomationCondition.any_deps_updated().since_last_handled() & _SETTLED).with_label(
+    "new or changed patient ROIs"
+)
+"""``roi_dataset``: any patient partition of ``nodule_rois`` updated, and no ingestion running."""
+
+WHEN_DATASET_OR_MODEL_CHANGES = (
+    AutomationCondition.any_deps_updated().since_last_handled()
+    & _SETTLED
+    & ~AutomationCondition.any_deps_missing()
+    & AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("dataset or model changed, model passed its checks")
+"""``hash_index``: re-encode the database with the current model, never a model that failed a
+blocking check (such as the test-accuracy floor)."""
+
+AFTER_RETRAIN = (
+    AutomationCondition.any_deps_updated().allow(AssetSelection.assets("hash_model")).since_last_handled()
+    & _SETTLED
+    & ~AutomationCondition.any_deps_missing()
+    & AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("model retrained")
+"""``retrieval_evaluation``: a new model is evaluated; new database patients alone do not
+re-run the (long) evaluation."""

@@ -1,0 +1,116 @@
+"""What runs by itself: the new-scan sensor, the library refresh and the weekly retrain.
+
+- ``new_scans`` watches the scan root; a complete new (or changed) patient folder becomes a
+  ``patients`` partition and an ``ingest_patient`` run, keyed by its content fingerprint so a
+  second delivery of the same files is a no-op.
+- ``library_refresh`` evaluates the automation conditions of ``roi_dataset`` and ``hash_index``
+  (see ``assets/refresh.py``): new ROIs are split (new patients to the database side) and
+  encoded with the current model, no retraining.
+- ``evaluation_after_retrain`` re-runs ``retrieval_evaluation`` after a new model passed its checks.
+- ``weekly_retrain`` retrains ``hash_model`` (cron from ``NODULE_PIPELINE_RETRAIN_CRON``).
+"""
+
+import json
+import os
+from pathlib import Path
+
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from nodule_pipeline.arrivals import ArrivalState, find_arrivals
+from nodule_pipeline.assets.scans import SOURCE_FINGERPRINT
+from nodule_pipeline.errors import InputDataError
+from nodule_pipeline.jobs import INDEX, INGEST, TRAIN, ingest_patient_job, retrain_job
+from nodule_pipeline.partitions import patients_partitions
+from nodule_pipeline.resources import ScanSource
+
+SETTLE_SECONDS_ENV = "NODULE_PIPELINE_SETTLE_SECONDS"
+RETRAIN_CRON_ENV = "NODULE_PIPELINE_RETRAIN_CRON"
+DEFAULT_SETTLE_SECONDS = 60.0
+DEFAULT_RETRAIN_CRON = "0 3 * * 0"  # Sundays 03:00
+
+
+def settle_seconds() -> float:
+    """How long a folder without a ``.complete`` marker must stay unchanged to count as complete."""
+    return float(os.environ.get(SETTLE_SECONDS_ENV, DEFAULT_SETTLE_SECONDS))
+
+
+def ingested_fingerprint(context: SensorEvaluationContext, patient_id: str) -> str | None:
+    """The source fingerprint of the patient's latest ``lidc_scan``, if it was ever ingested."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("lidc_scan"), asset_partitions=[patient_id]), limit=1
+    ).records
+    materialization = records[0].asset_materialization if records else None
+    entry = materialization.metadata.get(SOURCE_FINGERPRINT) if materialization else None
+    return str(entry.value) if entry is not None else None
+
+
+@sensor(
+    job=ingest_patient_job,
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="New or changed complete patient folders under the scan root become partitions and ingestion runs.",
+)
+def new_scans(context: SensorEvaluationContext, scan_source: ScanSource):
+    try:
+        patients = scan_source.list_patients()
+    except InputDataError as error:
+        return SkipReason(str(error))
+    state = ArrivalState.from_dict(json.loads(context.cursor) if context.cursor else None)
+    arrivals = find_arrivals(
+        Path(scan_source.root), patients, state, settle_seconds(), lambda p: ingested_fingerprint(context, p)
+    )
+    known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
+    new = sorted({a.patient_id for a in arrivals} - known)
+    if arrivals:
+        context.log.info(
+            f"{len(arrivals)} patient folder(s) to ingest ({len(new)} new): {[a.patient_id for a in arrivals]}"
+        )
+    return SensorResult(
+        run_requests=[
+            RunRequest(run_key=f"{a.patient_id}:{a.fingerprint}", partition_key=a.patient_id, tags=INGEST)
+            for a in arrivals
+        ],
+        dynamic_partitions_requests=[patients_partitions.build_add_request(new)] if new else [],
+        cursor=json.dumps(state.to_dict()),
+        skip_reason=None if arrivals else f"{len(state.pending)} folder(s) still arriving, nothing new to ingest",
+    )
+
+
+library_refresh = AutomationConditionSensorDefinition(
+    "library_refresh",
+    target=AssetSelection.assets("roi_dataset", "hash_index"),
+    run_tags=INDEX,
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="roi_dataset and hash_index follow new patients' ROIs (no retraining).",
+)
+evaluation_after_retrain = AutomationConditionSensorDefinition(
+    "evaluation_after_retrain",
+    target=AssetSelection.assets("retrieval_evaluation"),
+    run_tags=TRAIN,
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="retrieval_evaluation re-runs after hash_model is retrained and passes its checks.",
+)
+weekly_retrain = ScheduleDefinition(
+    name="weekly_retrain",
+    job=retrain_job,
+    cron_schedule=os.environ.get(RETRAIN_CRON_ENV, DEFAULT_RETRAIN_CRON),
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Retrain hash_model on everything ingested so far, then re-encode the index and evaluate.",
+)
+SENSORS = [new_scans, library_refresh, evaluation_after_retrain]
+SCHEDULES = [weekly_retrain]
