@@ -79,7 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodule_pipeline.runner import run_pipeline
 
     data_dir = Path(args.data_dir).resolve()
-    training = {key: value for key, value in (("epochs", args.epochs), ("bits", args.bits)) if value is not None}
+    options = (("epochs", args.epochs), ("bits", args.bits), ("accuracy_floor", args.accuracy_floor))
+    training = {key: value for key, value in options if value is not None}
     summary = run_pipeline(
         Path(args.lidc_root),
         data_dir,
@@ -200,6 +201,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="training epochs of hash_model (default 25, the paper's)")
     parser.add_argument("--bits", type=int, help="hash bits (default 256, the paper's best)")
+    parser.add_argument(
+        "--accuracy-floor",
+        type=float,
+        help="least test accuracy a model needs to reach the index (default 0.7; 0 for tiny data sets)",
+    )
     parser.add_argument(
         "--report",
         choices=["quick", "full", "none"],

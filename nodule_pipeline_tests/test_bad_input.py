@@ -12,6 +12,9 @@ import pytest
 from nodule_pipeline.roi_table import read_roi_table
 from nodule_pipeline.runner import run_pipeline
 from nodule_pipeline.storage import artefact_folder, artefacts_dir
+from nodule_pipeline_tests.conftest import NO_ACCURACY_FLOOR
+
+QUIET = {"training": NO_ACCURACY_FLOOR, "report": "none"}
 
 GOOD = "LIDC-IDRI-0001"
 
@@ -72,7 +75,7 @@ def broken_root(lidc_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def first_run(broken_root: Path, tmp_path_factory: pytest.TempPathFactory):
     data_dir = tmp_path_factory.mktemp("data")
     lines: list[str] = []
-    summary = run_pipeline(broken_root, data_dir, progress=lines.append, report="none")
+    summary = run_pipeline(broken_root, data_dir, progress=lines.append, training=NO_ACCURACY_FLOOR, report="none")
     return data_dir, summary, lines
 
 
@@ -101,7 +104,9 @@ def test_good_patients_are_unaffected(first_run) -> None:
 
 def test_unsafe_partition_key_is_refused(first_run, broken_root: Path) -> None:
     data_dir, _, _ = first_run
-    summary = run_pipeline(broken_root, data_dir, patients=["../x"], progress=lambda _: None, report="none")
+    summary = run_pipeline(
+        broken_root, data_dir, patients=["../x"], progress=lambda _: None, training=NO_ACCURACY_FLOOR, report="none"
+    )
     (outcome,) = summary.outcomes
     assert not outcome.ok and "'../x' is not a safe name" in outcome.error
     assert not (data_dir / "x").exists() and not (data_dir.parent / "x").exists()
@@ -116,7 +121,9 @@ def test_breaking_a_materialized_patient_keeps_its_results(first_run, broken_roo
     data = _replace_with_copy(victim)
     victim.write_bytes(data[:200])
     try:
-        summary = run_pipeline(broken_root, data_dir, patients=[GOOD], progress=lambda _: None, report="none")
+        summary = run_pipeline(
+            broken_root, data_dir, patients=[GOOD], progress=lambda _: None, training=NO_ACCURACY_FLOOR, report="none"
+        )
     finally:
         victim.write_bytes(data)
     (outcome,) = summary.outcomes
