@@ -8,8 +8,10 @@ import pytest
 
 LIDC_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "lidc-sample"
 SAMPLE_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
-QUICK_TRAINING = {"epochs": 2}
-"""``hash_model`` config for tests on a handful of ROIs: brief training, whatever its accuracy."""
+NO_ACCURACY_FLOOR = {"accuracy_floor": 0.0}
+"""``hash_model`` config for a handful of ROIs, where test accuracy says little: index anyway."""
+QUICK_TRAINING = {"epochs": 2, **NO_ACCURACY_FLOOR}
+"""``hash_model`` config for tests that need a model, not a good one: brief training."""
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,10 @@ def materialized(lidc_sample: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from nodule_pipeline.runner import run_pipeline
 
     data_dir = tmp_path_factory.mktemp("sample-data")
-    summary = run_pipeline(lidc_sample, data_dir, progress=lambda _: None, report="none")
+    summary = run_pipeline(lidc_sample, data_dir, progress=lambda _: None, training=NO_ACCURACY_FLOOR, report="none")
     assert not summary.failed, [o.error for o in summary.failed]
     assert summary.library_ok
     return data_dir
+
+
+from nodule_pipeline_tests.postgres import postgres_server  # noqa: E402,F401  (a throwaway PostgreSQL 15 server)
