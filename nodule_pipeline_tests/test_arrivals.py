@@ -202,3 +202,14 @@ def test_a_model_below_the_accuracy_floor_never_reaches_the_index(library: Libra
     assert searcher.model_version == searcher.index.model_version
     current = load_artefact(artefact_folder(artefacts_dir(library.data_dir), ["hash_model"]))
     assert current.card["model_version"] != searcher.model_version
+
+
+def test_a_retrain_by_hand_is_followed_by_the_index_and_the_evaluation(library: Library) -> None:
+    library.automation_tick()
+    result = library.defs.resolve_job_def("retrain").execute_in_process(
+        instance=library.instance,
+        run_config={"ops": {"hash_model": {"config": {"epochs": 1, "accuracy_floor": 0.0}}}},
+        asset_selection=[AssetKey("hash_model")],
+    )
+    assert result.success
+    assert library.automation_tick() == {"hash_index", "retrieval_evaluation"}
