@@ -85,7 +85,7 @@ def new_scans(context: SensorEvaluationContext, scan_source: ScanSource):
         ],
         dynamic_partitions_requests=[patients_partitions.build_add_request(new)] if new else [],
         cursor=json.dumps(state.to_dict()),
-        skip_reason=None if arrivals else f"{len(state.pending)} folder(s) still arriving, nothing new to ingest",
+        skip_reason=None if arrivals else f"nothing new; {len(state.pending)} folder(s) settling",
     )
 
 

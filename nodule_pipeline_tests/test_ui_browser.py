@@ -1,0 +1,191 @@
+"""The Dagster UI that ``nodule-pipeline ui`` serves, driven by a real browser with real clicks.
+
+Two generated patients are materialized with ``run_pipeline``; the UI is then served on that data
+dir and Chromium checks the asset graph, the patient partitions, a materialization launched from
+the UI, and a lineage view. A screenshot of each step goes to ``test-artifacts/ui/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright import sync_api
+
+from nodule_pipeline.lidc.demo_data import generate_patient
+from nodule_pipeline.runner import RunSummary, run_pipeline
+from nodule_pipeline_tests.conftest import QUICK_TRAINING
+from nodule_pipeline_tests.dagster_ui import REPO, DagsterUI, dagster_ui, processes_of
+
+expect = sync_api.expect
+
+PATIENTS = ("LIDC-IDRI-0957", "LIDC-IDRI-0078")  # 65 and 87 slices: small and quick
+ASSETS = ("lidc_scan", "lung_mask", "nodule_rois", "roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
+SCREENSHOTS = REPO / "test-artifacts" / "ui"
+CHROMIUM = Path(os.environ.get("NODULE_PIPELINE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+UI_TIMEOUT_MS = 60_000  # a page of the UI on 2 busy cores
+RUN_TIMEOUT_MS = 300_000  # a run launched from the UI: a fresh process that imports torch and dagster
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, RunSummary]:
+    """Two generated patients run through the pipeline: scan root, data dir and run summary."""
+    root = tmp_path_factory.mktemp("lidc")
+    for patient_id in PATIENTS:
+        generate_patient(patient_id, root, seed=0)
+    data_dir = tmp_path_factory.mktemp("data")
+    summary = run_pipeline(root, data_dir, progress=lambda _: None, training=QUICK_TRAINING, report="none")
+    assert not summary.failed, [o.error for o in summary.failed]
+    assert summary.library_metadata["roi_dataset"], "roi_dataset was not materialized"
+    return root, data_dir, summary
+
+
+@pytest.fixture(scope="module")
+def ui(pipeline: tuple[Path, Path, RunSummary]) -> Iterator[DagsterUI]:
+    """``nodule-pipeline ui`` on the pipeline's data dir, stopped with everything it started."""
+    root, data_dir, _ = pipeline
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for stale in SCREENSHOTS.glob("FAILED-*.png"):
+        stale.unlink()
+    log = data_dir / "dagster-dev.log"
+    try:
+        with dagster_ui(data_dir, root, log) as server:
+            yield server
+    finally:
+        if log.exists():
+            shutil.copyfile(log, SCREENSHOTS / "dagster-dev.log")
+    assert not processes_of(data_dir / "dagster"), "a process of the Dagster UI outlived it"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        executable = str(CHROMIUM) if CHROMIUM.exists() else None  # else Playwright's own build
+        try:
+            browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        except sync_api.Error as error:
+            if os.environ.get("CI"):  # .ci/run installs chromium: its absence there is a failure
+                raise
+            pytest.skip(f"no Chromium to drive: {error.message.splitlines()[0]}")
+        expect.set_options(timeout=UI_TIMEOUT_MS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(ui: DagsterUI, browser, request: pytest.FixtureRequest):
+    """A fresh context per test, past the UI's welcome modal; a screenshot if the test fails."""
+    context = browser.new_context(viewport={"width": 1920, "height": 1080})
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    failed_before = request.session.testsfailed
+    page = context.new_page()
+    page.goto(ui.url + "/")
+    expect(nav_link(page, "Runs")).to_be_visible()
+    # the instance's first visitor gets a "join the community" modal, a second after the page shows
+    skip = page.get_by_role("button", name="Skip", exact=True)
+    if ui.graphql("{ shouldShowNux }")["shouldShowNux"]:
+        skip.click()
+        expect(skip).to_be_hidden()
+    page.add_locator_handler(skip, lambda button: button.click())  # should it ever show again
+    yield page
+    if request.session.testsfailed > failed_before:
+        page.screenshot(path=SCREENSHOTS / f"FAILED-{request.node.name}.png")
+    context.close()
+
+
+def nav_link(page, name: str):
+    """A link of the left navigation (its accessible name starts with its icon's name)."""
+    return page.get_by_role("link", name=re.compile(rf"(^|\s){name}$"))
+
+
+def screenshot(page, name: str) -> None:
+    page.screenshot(path=SCREENSHOTS / f"{name}.png", animations="disabled")  # toasts fully faded in
+
+
+def graph_node(page, name: str):
+    """An asset node of a graph (the graph draws nodes as HTML inside SVG foreignObjects)."""
+    return page.locator("svg foreignObject").get_by_text(name, exact=True)
+
+
+def test_asset_graph_shows_every_asset(page, ui: DagsterUI) -> None:
+    nav_link(page, "Lineage").click()
+    expect(page.get_by_text("Global asset lineage", exact=True)).to_be_visible()
+    expect(page.locator("svg foreignObject").first).to_be_visible()
+    # more room for the graph: fold the group explorer, then expand every group to its assets
+    page.locator("button").filter(has=page.get_by_role("img", name="panel_show_right", exact=True)).last.click()
+    page.locator("button").filter(has=page.get_by_role("img", name="settings", exact=True)).last.click()
+    page.get_by_role("menuitem", name="Expand all groups").click()
+    page.keyboard.press("Escape")
+    expect(page.get_by_role("menuitem")).to_have_count(0)
+    for name in ASSETS:
+        expect(graph_node(page, name)).to_be_visible()
+    screenshot(page, "01-asset-graph")
+
+
+def test_partitions_view_lists_the_patients(page, ui: DagsterUI, pipeline) -> None:
+    page.goto(ui.url + "/assets/nodule_rois")
+    page.get_by_role("tab", name="Partitions", exact=True).click()
+    expect(page).to_have_url(re.compile(r"view=partitions"))
+    expect(page.get_by_text(f"Materialized ({len(PATIENTS)})", exact=True)).to_be_visible()
+    for patient_id in PATIENTS:
+        expect(page.get_by_text(patient_id, exact=True).first).to_be_visible()
+    page.get_by_text(PATIENTS[1], exact=True).first.click()  # one patient's materialization and metadata
+    expect(page).to_have_url(re.compile(rf"partition={PATIENTS[1]}"))
+    (outcome,) = [o for o in pipeline[2].outcomes if o.patient_id == PATIENTS[1]]
+    expect(page.get_by_role("row", name=f"kept {outcome.metadata['kept']}", exact=True)).to_be_visible()
+    screenshot(page, "02-nodule-rois-partitions")
+
+
+def test_materialize_roi_dataset_from_the_ui(page, ui: DagsterUI) -> None:
+    page.goto(ui.url + "/assets/roi_dataset")
+    page.get_by_role("button", name=re.compile(r"\bMaterialize$")).click()
+    expect(page.get_by_text(re.compile(r"^Launched run [0-9a-f]{8}$"))).to_be_visible()
+    view = page.locator("a[href^='/runs/']").filter(has_text=re.compile(r"^View$")).first  # the toast's link
+    expect(view).to_be_visible()
+    screenshot(page, "03-materialize-launched")
+    run_id = view.get_attribute("href").removeprefix("/runs/").split("?")[0]
+
+    view.click()  # the run's page follows the run live
+    expect(page).to_have_url(re.compile(re.escape(run_id)))
+    outcome = page.get_by_text(re.compile(r"^(Success|Failure|Canceled)$")).first
+    expect(outcome).to_be_visible(timeout=RUN_TIMEOUT_MS)
+    screenshot(page, "04-run-finished")
+    expect(outcome).to_have_text("Success")
+
+    page.goto(ui.url + "/runs?" + urllib.parse.urlencode({"q[]": f"id:{run_id}"}))
+    row = page.locator("div").filter(has=page.locator(f"a[href='/runs/{run_id}']")).filter(has_text="Success").last
+    expect(row).to_be_visible()
+    expect(row.get_by_text("roi_dataset", exact=True).first).to_be_visible()
+    screenshot(page, "05-runs-success")
+
+    run = ui.graphql(
+        "query($id: ID!) { runOrError(runId: $id) { ... on Run { status assetMaterializations "
+        "{ assetKey { path } } } } }",
+        {"id": run_id},
+    )["runOrError"]
+    assert run["status"] == "SUCCESS"
+    assert {"path": ["roi_dataset"]} in [event["assetKey"] for event in run["assetMaterializations"]]
+
+
+def test_lineage_of_the_evaluation_shows_its_upstream(page, ui: DagsterUI) -> None:
+    page.goto(ui.url + "/assets/retrieval_evaluation")
+    page.get_by_role("tab", name="Lineage", exact=True).click()
+    expect(page).to_have_url(re.compile(r"view=lineage"))
+    page.get_by_role("button", name=re.compile(r"Upstream$")).click()
+    for name in ("retrieval_evaluation", "roi_dataset", "hash_model"):
+        expect(graph_node(page, name)).to_be_visible()
+    screenshot(page, "06-evaluation-lineage")
