@@ -6,7 +6,7 @@ DATA_DIR ?= data
 DEMO_PATIENTS ?= 24
 REPORT ?= quick
 
-.PHONY: demo ui test lint venv clean-data
+.PHONY: demo ui test lint bench venv clean-data
 
 venv: $(VENV)/.installed
 
@@ -24,9 +24,12 @@ ui: venv  ## the Dagster UI on the same instance (http://127.0.0.1:3000)
 test: venv  ## the whole test suite
 	$(BIN)/python -m pytest
 
+bench: venv  ## benchmarks (ingestion vs pylidc, search vs FAISS, training): bench-out/bench.{json,md}; BENCH=full adds 10^7 items
+	$(BIN)/nodule-pipeline bench --out bench-out $(if $(filter full,$(BENCH)),,--quick)
+
 lint: venv
-	$(BIN)/ruff check nodule_pipeline nodule_pipeline_tests benchmarks
-	$(BIN)/ruff format --check nodule_pipeline nodule_pipeline_tests benchmarks
+	$(BIN)/ruff check nodule_pipeline nodule_pipeline_tests
+	$(BIN)/ruff format --check nodule_pipeline nodule_pipeline_tests
 
 clean-data:
 	rm -rf $(DATA_DIR)/artefacts $(DATA_DIR)/dagster $(DATA_DIR)/settings.json

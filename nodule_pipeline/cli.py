@@ -13,6 +13,8 @@ import numpy as np
 from nodule_pipeline.errors import InputDataError
 
 DEFAULT_DEMO_PATIENTS = 24
+SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "lidc-sample"
+"""The real two-patient LIDC sample beside the repository, what `bench` measures ingestion on."""
 
 
 def _print_summary(summary, data_dir: Path) -> None:
@@ -184,6 +186,21 @@ def cmd_evaluate_rois(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nodule_pipeline.benchmarks.run import run_bench
+
+    lidc_root = Path(args.lidc_root).resolve()
+    if not lidc_root.is_dir():
+        print(f"error: scan root {lidc_root} not found (--lidc-root)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    bench = run_bench(out, lidc_root, quick=args.quick, progress=lambda line: print(line, flush=True))
+    missed = [t["target"] for t in bench["targets"] if not t["met"]]
+    print(f"{out / 'bench.json'}, {out / 'bench.md'} ({bench['seconds']:.0f} s)")
+    print("all targets met" if not missed else "targets missed: " + "; ".join(missed))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the Dagster UI on the instance and artefacts under ``--data-dir`` (127.0.0.1 only)."""
     from nodule_pipeline.resources import DATA_DIR_ENV
@@ -270,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split-seed", type=int, default=0)
     evaluate.add_argument("--quick", action="store_true", help="few epochs, two bit sizes, one seed (minutes)")
     evaluate.set_defaults(func=cmd_evaluate_rois)
+
+    bench = commands.add_parser("bench", help="ingestion, search and training benchmarks: bench.json + bench.md")
+    bench.add_argument("--out", default="bench-out")
+    bench.add_argument("--quick", action="store_true", help="search up to 10^6 items (no 10^7), fewer repeats")
+    bench.add_argument("--lidc-root", default=str(SAMPLE_ROOT), help="real LIDC scans (default: ../shared/lidc-sample)")
+    bench.set_defaults(func=cmd_bench)
 
     ui = commands.add_parser("ui", help="open the Dagster UI on a data dir")
     ui.add_argument("--data-dir", default="data")

@@ -50,12 +50,18 @@ def remember_lidc_root(data_dir: Path, lidc_root: Path) -> None:
     atomic_write(data_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(payload))
 
 
-def load_artefact(folder: Path) -> object:
-    """Read back whatever :class:`ArtefactIOManager` stored in ``folder``."""
+LAZY_VOLUMES = "lazy_volumes"
+"""Input metadata (``AssetIn(metadata={LAZY_VOLUMES: True})``): a step that reads a few slices'
+neighbourhoods of ``lidc_scan`` gets volumes that decompress only the rows it indexes."""
+
+
+def load_artefact(folder: Path, lazy_volumes: bool = False) -> object:
+    """Read back whatever :class:`ArtefactIOManager` stored in ``folder`` (a scan's volumes
+    decompressed on demand with ``lazy_volumes``, see :func:`open_scan`)."""
     if (folder / "rois.parquet").exists():
         return read_roi_table(folder / "rois.parquet")
     if (folder / "scan.json").exists():
-        return open_scan(folder)
+        return open_scan(folder, lazy=lazy_volumes)
     if (folder / MODEL_META).exists():
         return ModelArtefact(load_model(folder), read_model_card(folder).get("card", {}))
     if (folder / INDEX_MANIFEST).exists():
@@ -132,7 +138,8 @@ class ArtefactIOManager(ConfigurableIOManager):
         if not context.has_asset_partitions:
             return load_artefact(self._folder(asset_path, None))
         if context.has_partition_key:  # a per-patient step reading the same patient upstream
-            return load_artefact(self._folder(asset_path, context.asset_partition_key))
+            lazy = bool((context.definition_metadata or {}).get(LAZY_VOLUMES, False))
+            return load_artefact(self._folder(asset_path, context.asset_partition_key), lazy_volumes=lazy)
         loaded = {}
         for key in context.asset_partition_keys:
             folder = self._folder(asset_path, key)

@@ -2,12 +2,13 @@
 
 import numpy as np
 import pandas as pd
-from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, AssetIn, Config, DataVersion, MetadataValue, Output, asset
 
 from nodule_pipeline.lidc.rois import RoiSettings, extract_rois
 from nodule_pipeline.lidc.series import CtSeries
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.pictures import markdown_image, roi_montage
+from nodule_pipeline.resources import LAZY_VOLUMES
 from nodule_pipeline.roi_table import empty_roi_table, roi_images, table_fingerprint, validate_roi_table
 
 
@@ -17,7 +18,14 @@ class RoiConfig(Config):
     mask_outside_lung: bool = True
 
 
-@asset(partitions_def=patients_partitions, group_name="ingestion", code_version="1", kinds={"parquet"})
+@asset(
+    partitions_def=patients_partitions,
+    group_name="ingestion",
+    code_version="1",
+    kinds={"parquet"},
+    # ROIs need the rows around each nodule's centre only: the stored scan is read lazily.
+    ins={"lidc_scan": AssetIn(metadata={LAZY_VOLUMES: True}), "lung_mask": AssetIn()},
+)
 def nodule_rois(
     context: AssetExecutionContext, config: RoiConfig, lidc_scan: list[CtSeries], lung_mask: dict[str, np.ndarray]
 ):

@@ -142,7 +142,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 @contextmanager
-def _threads(count: int | None) -> Iterator[None]:
+def torch_threads(count: int | None) -> Iterator[None]:
     """Set torch's intra-op thread count for the block and restore it (it is process-wide)."""
     previous = torch.get_num_threads()
     if count is not None:
@@ -242,7 +242,7 @@ def train_hash_model(
     amp = device.type == "cuda" and config.mixed_precision
     devices = [device.index or 0] if device.type == "cuda" else []
 
-    with _threads(config.num_threads), torch.random.fork_rng(devices=devices):
+    with torch_threads(config.num_threads), torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         module = HashNet(network).to(device)
         module.train()

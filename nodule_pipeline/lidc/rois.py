@@ -171,7 +171,10 @@ def extract_rois(
             i, j, k = nodule_centre(masks)
             nodule_here = masks.get(k, np.zeros(plane, dtype=bool))
             lung_here = lung_mask[:, :, k]
-            image = roi_at(series.hu, lung_mask, (i, j, k), nodule_here, settings)
+            # Only the rows the crop covers are read: with a lazily stored volume (see
+            # ``open_scan(lazy=True)``) that decompresses a few frames instead of the scan.
+            r0, r1 = max(i - settings.size // 2, 0), i - settings.size // 2 + settings.size
+            image = roi_at(series.hu[r0:r1], lung_mask[r0:r1], (i - r0, j, k), nodule_here[r0:r1], settings)
             nodule_pixels = max(int(nodule_here.sum()), 1)
             rows.append(
                 {

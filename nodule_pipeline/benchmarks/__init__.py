@@ -1,0 +1,1 @@
+"""Benchmarks of the pipeline against its reference implementations (ingestion, training)."""
