@@ -199,7 +199,10 @@ def _asset_run(table: pd.DataFrame, config: dict[str, Any], base: Path) -> dict[
             [SourceAsset("roi_dataset"), hash_model],
             instance=instance,
             resources={"io_manager": ArtefactIOManager(base_dir=str(base))},
-            run_config={"ops": {"hash_model": {"config": config}}},
+            run_config={
+                "ops": {"hash_model": {"config": config}},
+                "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+            },
         )
         wall = time.perf_counter() - clock
     if not result.success:
