@@ -2,19 +2,51 @@
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from nodule_pipeline.errors import check_safe_key
+
+T = TypeVar("T")
+
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _owner_tag() -> str:
+    """Names temporaries after their writer (host and pid), so a later writer can tell them apart."""
+    return f"{_HOST}~{os.getpid()}~"
+
+
+def _remove_orphans(target: Path) -> None:
+    """Delete the temporaries of writers on this host that died (SIGKILL, power loss) before they
+    could clean up. Writers on other hosts or still alive are left alone."""
+    for leftover in target.parent.glob(f".{target.name}.{_HOST}~*~*"):
+        pid = leftover.name.split("~")[1]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write through ``write(tmp_path)`` then rename into place: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -24,23 +56,82 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
+@contextmanager
+def _swap_lock(target: Path, shared: bool) -> Iterator[None]:
+    """An advisory lock beside ``target``: writers swap folders under it exclusively, readers open
+    under it shared, so a reader never meets the instant between a swap's two renames."""
+    if not shared:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(target.parent / f".{target.name}.lock", "a")
+    except OSError:
+        if not shared:
+            raise
+        yield  # a read-only copy of the artefacts: nobody swaps folders there
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _finish_interrupted_swap(target: Path) -> None:
+    """A writer killed between moving the old folder aside and moving the new one in leaves no
+    ``target`` but a ``.<name>.old-<pid>``: put the old folder back (the new one never landed)."""
+    if target.exists():
+        return
+    for leftover in sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime):
+        try:
+            os.replace(leftover, target)
+            return
+        except FileNotFoundError:  # another reader put it back first
+            continue
+
+
+@contextmanager
+def reading(target: Path) -> Iterator[None]:
+    """Open the files of a folder written by :func:`replace_dir` inside this block: they all come
+    from one version, and a swap a crash interrupted is finished first."""
+    with _swap_lock(Path(target), shared=True):
+        _finish_interrupted_swap(Path(target))
+        yield
+
+
+def reads_folder(function: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a loader whose first argument is a folder written by :func:`replace_dir`."""
+
+    @functools.wraps(function)
+    def load(folder: Path | str, *args: object, **kwargs: object) -> T:
+        with reading(Path(folder)):
+            return function(folder, *args, **kwargs)
+
+    return load
+
+
 def replace_dir(target: Path, fill: Callable[[Path], object]) -> None:
     """Fill a fresh sibling folder through ``fill(tmp_dir)``, then swap it in for ``target``.
 
     A crash leaves either the old folder or the new one, never a mix, so a failed rerun cannot
-    destroy a patient's earlier result.
+    destroy a patient's earlier result; concurrent writers swap one at a time and the last wins.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _remove_orphans(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner_tag()}", dir=target.parent))
     try:
         fill(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with _swap_lock(target, shared=False):
+            _finish_interrupted_swap(target)
+            for stale in target.parent.glob(f".{target.name}.old-*"):  # a writer killed while deleting it
+                shutil.rmtree(stale, ignore_errors=True)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

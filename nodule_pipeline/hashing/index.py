@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from nodule_pipeline.hashing.codes import pack_codes
-from nodule_pipeline.storage import replace_dir
+from nodule_pipeline.storage import reads_folder, replace_dir
 
 FORMAT_VERSION = 1
 """Bump when the folder layout or the meaning of a file changes; older folders are then refused."""
@@ -300,6 +300,7 @@ def read_manifest(folder: Path | str) -> dict[str, Any]:
     return manifest
 
 
+@reads_folder
 def load_index(folder: Path | str, mmap: bool = True, verify: bool = False) -> HashIndex:
     """Open an index folder; with ``mmap`` the arrays are memory-mapped read-only, not copied.
 

@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from nodule_pipeline.hashing.network import HashNet, NetworkConfig, NormalisationStats, normalise_rois
-from nodule_pipeline.storage import replace_dir
+from nodule_pipeline.storage import reads_folder, replace_dir
 
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "model.json"
@@ -393,6 +393,7 @@ def read_model_card(folder: Path) -> dict[str, Any]:
     return meta
 
 
+@reads_folder
 def load_model(folder: Path, map_location: str | torch.device = "cpu") -> TrainedModel:
     """Rebuild a model written by :func:`save_model`; the weights file is checked against its
     checksum and read with ``weights_only=True`` (tensors only, no arbitrary pickle)."""

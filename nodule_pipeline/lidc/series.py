@@ -24,7 +24,7 @@ from nodule_pipeline.lidc.annotations import (
     annotations_to_dict,
     find_series_xml,
 )
-from nodule_pipeline.storage import replace_dir
+from nodule_pipeline.storage import reads_folder, replace_dir
 
 VOLUME_ZSTD_LEVEL = 1
 """Fast zstd: CT volumes shrink ~1.7-1.9x at ~250 MB/s on one core."""
@@ -439,6 +439,7 @@ def _read_volume(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.int16).reshape(shape)
 
 
+@reads_folder
 def open_scan(folder: Path, lazy: bool = False) -> list[CtSeries]:
     """Load what :func:`save_scan` stored (volumes decompressed straight into read-only arrays).
 
