@@ -69,12 +69,18 @@ def _kill_at_random(kind: str, target: Path, kills: int, seed: int) -> list[int]
     return completed
 
 
-def test_an_index_writer_killed_mid_write_leaves_a_whole_index(tmp_path: Path) -> None:
-    folder = tmp_path / "hash_index"
+def _save_small_index(folder: Path, model_version: str) -> None:
     rng = np.random.default_rng(0)
     items = pd.DataFrame({"patient_id": ["P0"] * 10, "nodule_id": [str(i) for i in range(10)]})
-    first = build_index(rng.random((10, 256)) < 0.5, rng.random((10, 128)), np.zeros(10, np.int8), items, "first")
-    save_index(first, folder)
+    save_index(
+        build_index(rng.random((10, 64)) < 0.5, rng.random((10, 8)), np.zeros(10, np.int8), items, model_version),
+        folder,
+    )
+
+
+def test_an_index_writer_killed_mid_write_leaves_a_whole_index(tmp_path: Path) -> None:
+    folder = tmp_path / "hash_index"
+    _save_small_index(folder, "first")
     completed = _kill_at_random("index", folder, kills=6, seed=1)
     index = load_index(folder, verify=True)  # content hash matches its manifest: no mix of versions
     written = {"first"} | {f"m{v}" for v in completed}
@@ -106,10 +112,7 @@ def test_a_roi_table_writer_killed_mid_write_leaves_a_whole_table(tmp_path: Path
 
 def test_a_swap_interrupted_between_its_renames_is_finished_by_the_next_reader(tmp_path: Path) -> None:
     folder = tmp_path / "hash_index"
-    rng = np.random.default_rng(0)
-    items = pd.DataFrame({"patient_id": ["P0"] * 10, "nodule_id": [str(i) for i in range(10)]})
-    kept = build_index(rng.random((10, 64)) < 0.5, rng.random((10, 8)), np.zeros(10, np.int8), items, "kept")
-    save_index(kept, folder)
+    _save_small_index(folder, "kept")
     os.replace(folder, tmp_path / ".hash_index.old-12345")  # killed right after moving the old one aside
     assert load_index(folder).model_version == "kept"
 
