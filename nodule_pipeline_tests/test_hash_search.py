@@ -105,7 +105,7 @@ def test_hamming_distances_match_bruteforce(nbytes: int, small_chunks: None) -> 
         got = hamming_distances(qpacked[i], packed)
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got, expected[i])
-    np.testing.assert_array_equal(hamming_distances_batch(qpacked, packed, query_block=2), expected)
+    np.testing.assert_array_equal(hamming_distances_batch(qpacked, packed), expected)
     assert expected[1, 3] == bits and expected[0].min() == 0
 
 

@@ -284,11 +284,11 @@ def hamming_distances(query_packed: np.ndarray, codes: np.ndarray) -> np.ndarray
     return hamming_distances_batch(query[None, :], codes)[0]
 
 
-def hamming_distances_batch(queries_packed: np.ndarray, codes: np.ndarray, query_block: int = 16) -> np.ndarray:
+def hamming_distances_batch(queries_packed: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Hamming distances (int32, (q, n)) from many packed queries (q, B) to packed codes (n, B).
 
     The database is walked block by block, each block compared against every query while it is
-    in cache. ``query_block`` is accepted for compatibility and no longer used.
+    in cache.
     """
     codes = _check_packed(codes, "codes")
     queries = _check_packed(queries_packed, "queries")
