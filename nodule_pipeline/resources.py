@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from nodule_pipeline.hashing.training import load_model, read_model_card, save_m
 from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
 from nodule_pipeline.lidc.series import CtSeries, find_series_folders, open_scan, save_scan
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
-from nodule_pipeline.storage import artefact_folder, atomic_write, model_version_folder
+from nodule_pipeline.storage import artefact_folder, atomic_write, model_version_folder, replace_dir
 
 DATA_DIR_ENV = "NODULE_PIPELINE_DATA_DIR"
 LIDC_ROOT_ENV = "NODULE_PIPELINE_LIDC_ROOT"
@@ -115,8 +116,10 @@ class ArtefactIOManager(ConfigurableIOManager):
         if isinstance(obj, pd.DataFrame):
             write_roi_table(obj, folder / "rois.parquet")
         elif isinstance(obj, ModelArtefact):
-            save_model(obj.model, model_version_folder(Path(self.base_dir), obj.card["model_version"]), obj.card)
-            save_model(obj.model, folder, obj.card)
+            versioned = model_version_folder(Path(self.base_dir), obj.card["model_version"])
+            save_model(obj.model, versioned, obj.card)
+            # The current model is the same files: hard links, not a second serialisation and checksum.
+            replace_dir(folder, lambda tmp: shutil.copytree(versioned, tmp, dirs_exist_ok=True, copy_function=os.link))
         elif isinstance(obj, HashIndex):
             save_index(obj, folder)
         elif isinstance(obj, list) and all(isinstance(s, CtSeries) for s in obj):
