@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from nodule_pipeline.benchmarks.ingest import DEFAULT_ROOT
 from nodule_pipeline.errors import InputDataError
 
 DEFAULT_DEMO_PATIENTS = 24
-SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "lidc-sample"
-"""The real two-patient LIDC sample beside the repository, what `bench` measures ingestion on."""
 
 
 def _print_summary(summary, data_dir: Path) -> None:
@@ -291,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="ingestion, search and training benchmarks: bench.json + bench.md")
     bench.add_argument("--out", default="bench-out")
     bench.add_argument("--quick", action="store_true", help="search up to 10^6 items (no 10^7), fewer repeats")
-    bench.add_argument("--lidc-root", default=str(SAMPLE_ROOT), help="real LIDC scans (default: ../shared/lidc-sample)")
+    bench.add_argument(
+        "--lidc-root",
+        default=str(DEFAULT_ROOT),
+        help="real LIDC scans (default: ../shared/lidc-sample)",
+    )
     bench.set_defaults(func=cmd_bench)
 
     ui = commands.add_parser("ui", help="open the Dagster UI on a data dir")

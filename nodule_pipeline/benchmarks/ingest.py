@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import resource
 import sys
 import tempfile
@@ -49,6 +47,8 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+from nodule_pipeline.benchmarks import environment
 
 STAGES = ("load", "mask", "rois")
 TIME_RATIO_TARGET = 3.0
@@ -175,7 +175,7 @@ def _summarise(warm: dict[str, Runs], cold: dict[str, Runs], lidc_root: Path, re
         "targets": {"time_ratio": TIME_RATIO_TARGET, "memory_ratio": MEMORY_RATIO_TARGET},
         "met": {},
         "rss_method": "",
-        "environment": _environment(),
+        "environment": environment(),
     }
     methods = set()
     for pid in warm:
@@ -227,18 +227,6 @@ def _cold(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("peak_rss_mb", "raw_maxrss_mb", "baseline_rss_mb"):
         out[key] = round(max(r[key] for r in runs), 1)
     return out
-
-
-def _environment() -> dict[str, Any]:
-    import numpy
-
-    return {
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 # --------------------------------------------------------------------------------------------

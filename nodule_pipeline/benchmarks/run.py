@@ -9,18 +9,16 @@ would cost, projected from this run's own figures.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
 import numpy as np
 
+from nodule_pipeline.benchmarks import environment
 from nodule_pipeline.benchmarks.ingest import run_ingest_benchmark
 from nodule_pipeline.benchmarks.search import QUICK_SIZES, SIZES, run_search_benchmark
 from nodule_pipeline.benchmarks.train import run_train_benchmark, synthetic_roi_table
@@ -161,14 +159,9 @@ def machine() -> dict[str, Any]:
     import torch
 
     return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        **environment(),
         "torch": torch.__version__,
-        "numpy": np.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average": os.getloadavg()[0],
     }
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ import numpy as np
 import pandas as pd
 from numba import njit
 
+from nodule_pipeline.benchmarks import environment
 from nodule_pipeline.hashing import search as search_module
 from nodule_pipeline.hashing.index import HashIndex, bytes_per_item
 from nodule_pipeline.hashing.search import _popcount, prepare_search, search, search_batch
@@ -453,32 +453,6 @@ def _line(r: dict[str, Any]) -> str:
     )
 
 
-def environment() -> dict[str, Any]:
-    """Versions and machine, to print beside the figures."""
-    import faiss
-    import numba
-
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
-        platform.processor(),
-    )
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "faiss": faiss.__version__,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-    }
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", help=f"database sizes (default {SIZES})")
@@ -490,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the records here")
     args = parser.parse_args(argv)
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
-    print(json.dumps(environment()))
+    import faiss
+    import numba
+
+    print(json.dumps({**environment(), "numba": numba.__version__, "faiss": faiss.__version__}))
     records = run_search_benchmark(
         sizes, args.bits, queries=args.queries, batch_queries=args.batch_queries, fc_dim=args.fc_dim
     )
