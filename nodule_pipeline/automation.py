@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 
 from dagster import (
-    AssetKey,
-    AssetRecordsFilter,
     AssetSelection,
     AutomationConditionSensorDefinition,
     DefaultScheduleStatus,
@@ -30,7 +28,7 @@ from dagster import (
 )
 
 from nodule_pipeline.arrivals import ArrivalState, find_arrivals
-from nodule_pipeline.assets.scans import SOURCE_FINGERPRINT
+from nodule_pipeline.currency import ingested_fingerprint
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.jobs import INDEX, INGEST, TRAIN, ingest_patient_job, retrain_job
 from nodule_pipeline.partitions import patients_partitions
@@ -47,16 +45,6 @@ def settle_seconds() -> float:
     return float(os.environ.get(SETTLE_SECONDS_ENV, DEFAULT_SETTLE_SECONDS))
 
 
-def ingested_fingerprint(context: SensorEvaluationContext, patient_id: str) -> str | None:
-    """The source fingerprint of the patient's latest ``lidc_scan``, if it was ever ingested."""
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey("lidc_scan"), asset_partitions=[patient_id]), limit=1
-    ).records
-    materialization = records[0].asset_materialization if records else None
-    entry = materialization.metadata.get(SOURCE_FINGERPRINT) if materialization else None
-    return str(entry.value) if entry is not None else None
-
-
 @sensor(
     job=ingest_patient_job,
     minimum_interval_seconds=30,
@@ -70,7 +58,7 @@ def new_scans(context: SensorEvaluationContext, scan_source: ScanSource):
         return SkipReason(str(error))
     state = ArrivalState.from_dict(json.loads(context.cursor) if context.cursor else None)
     arrivals = find_arrivals(
-        Path(scan_source.root), patients, state, settle_seconds(), lambda p: ingested_fingerprint(context, p)
+        Path(scan_source.root), patients, state, settle_seconds(), lambda p: ingested_fingerprint(context.instance, p)
     )
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
     new = sorted({a.patient_id for a in arrivals} - known)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 
@@ -33,3 +34,22 @@ def check_safe_key(key: str, what: str = "patient id") -> str:
             "starting with a letter or digit, without '..'"
         )
     return key
+
+
+class StorageError(OSError):
+    """A result could not be stored (disk full, read-only or unwritable target). Names the
+    artefact and the reason; what was stored before is untouched, so a rerun after the
+    problem is fixed completes."""
+
+    def __init__(self, path: Path | str, error: OSError):
+        self.path = str(path)
+        reason = error.strerror or str(error)
+        code = errno.errorcode.get(error.errno, "") if error.errno else ""
+        super().__init__(
+            error.errno,
+            f"{self.path}: cannot store the result: {reason}{f' ({code})' if code else ''}; "
+            "the version stored before is kept",
+        )
+
+    def __str__(self) -> str:
+        return self.strerror

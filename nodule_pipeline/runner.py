@@ -1,7 +1,9 @@
 """Materialize the chain for many patients into a persistent Dagster instance.
 
 Used by ``nodule-pipeline run`` and ``make demo``: each patient is its own partition run, so one
-patient's failure is recorded, reported and leaves every other patient's results alone.
+patient's failure is recorded, reported and leaves every other patient's results alone. A rerun
+(after an interruption, or as new scans arrive) does only what is missing: patients whose files,
+code and results are unchanged are skipped, and runs a killed runner left "started" are closed.
 """
 
 from __future__ import annotations
@@ -12,17 +14,33 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import AssetKey, BetaWarning, DagsterInstance, ExecuteInProcessResult, PreviewWarning
+from dagster import (
+    AssetKey,
+    BetaWarning,
+    DagsterInstance,
+    DagsterRunStatus,
+    Definitions,
+    ExecuteInProcessResult,
+    PreviewWarning,
+    RunsFilter,
+)
 
+from nodule_pipeline.arrivals import content_fingerprint
+from nodule_pipeline.currency import ingested_fingerprint, is_current, latest_record, metadata_of
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.errors import InputDataError, check_safe_key
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.resources import ScanSource, remember_lidc_root
+from nodule_pipeline.storage import artefact_folder, artefacts_dir, owner_died, owner_tag
 
 PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
 """Runs print only the assets' own messages (epochs, warnings), not Dagster's event stream."""
 LIBRARY_ASSET_NAMES = ("roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
+INGESTION_ASSET_NAMES = ("lidc_scan", "lung_mask", "nodule_rois")
 INSTANCE_YAML = "telemetry:\n  enabled: false\n"
+REPORT_FILE = Path("reports") / "evaluation.json"
+RUNNER_TAG = "nodule_pipeline/runner"
+"""Host and pid of the runner process that executes a run in-process (see :func:`close_orphaned_runs`)."""
 
 
 @dataclass
@@ -32,6 +50,8 @@ class PatientOutcome:
     seconds: float
     metadata: dict = field(default_factory=dict)
     error: str | None = None
+    skipped: bool = False
+    """Up to date from an earlier run: nothing was executed."""
 
 
 @dataclass
@@ -39,6 +59,8 @@ class RunSummary:
     outcomes: list[PatientOutcome]
     library_ok: bool | None
     library_metadata: dict[str, dict]
+    library_skipped: bool = False
+    orphaned_runs: int = 0
 
     @property
     def failed(self) -> list[PatientOutcome]:
@@ -69,12 +91,58 @@ def _materialization_metadata(result: ExecuteInProcessResult, asset_name: str) -
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
         if materialization.asset_key.to_user_string() == asset_name:
-            return {
-                key: value.value
-                for key, value in materialization.metadata.items()
-                if not isinstance(value.value, str) or len(value.value) < 500
-            }
+            return _short_values({key: value.value for key, value in materialization.metadata.items()})
     return {}
+
+
+def _short_values(metadata: dict) -> dict:
+    """Metadata without the long entries (pictures, markdown) that a summary does not print."""
+    return {key: value for key, value in metadata.items() if not isinstance(value, str) or len(value) < 500}
+
+
+def close_orphaned_runs(instance: DagsterInstance) -> int:
+    """Mark failed the runs that a runner on this host started and did not live to finish (it was
+    killed or crashed): they would otherwise show as running in the UI for ever."""
+    closed = 0
+    for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTING, DagsterRunStatus.STARTED])):
+        if RUNNER_TAG in run.tags and owner_died(run.tags[RUNNER_TAG]):
+            instance.report_run_failed(run, message="the process running it stopped (killed or crashed) mid-run")
+            closed += 1
+    return closed
+
+
+def patient_is_current(
+    instance: DagsterInstance, defs: Definitions, data_dir: Path, patient_id: str, lidc_root: Path
+) -> bool:
+    """Every per-patient asset is materialized, stored and current, from the same source files."""
+    artefacts = artefacts_dir(data_dir)
+    for name in INGESTION_ASSET_NAMES:
+        if not is_current(instance, defs, artefact_folder(artefacts, [name], patient_id), name, patient_id):
+            return False
+    return ingested_fingerprint(instance, patient_id) == content_fingerprint(lidc_root / patient_id)
+
+
+def library_is_current(
+    instance: DagsterInstance,
+    defs: Definitions,
+    data_dir: Path,
+    names: tuple[str, ...],
+    training: dict | None,
+    report: str,
+) -> bool:
+    """The library is built from the current ROIs with the training and report settings asked for."""
+    trained_with = metadata_of(latest_record(instance, "hash_model")).get("config") or {}
+    if any(trained_with.get(key) != value for key, value in (training or {}).items()):
+        return False
+    for name in names:
+        stored = (
+            data_dir / REPORT_FILE
+            if name == "retrieval_evaluation"
+            else artefact_folder(artefacts_dir(data_dir), [name])
+        )
+        if not is_current(instance, defs, stored, name):
+            return False
+    return report == "none" or metadata_of(latest_record(instance, "retrieval_evaluation")).get("profile") == report
 
 
 def run_pipeline(
@@ -84,11 +152,13 @@ def run_pipeline(
     progress: Callable[[str], None] = print,
     training: dict | None = None,
     report: str = "quick",
+    rerun: bool = False,
 ) -> RunSummary:
     """Register the patients under ``lidc_root`` as partitions and materialize their chain, then
     the library: dataset split, model (``training``: hash_model config), index and, unless
     ``report`` is "none", the evaluation report ("quick" or "full" profile).
-    Every patient is attempted; failures are collected with their reasons."""
+    Every patient is attempted; failures are collected with their reasons. What is already
+    current is skipped unless ``rerun``, so an interrupted run resumes where it stopped."""
     for category in (BetaWarning, PreviewWarning):  # Dagster's API-stability notes are not for end users
         warnings.filterwarnings("ignore", category=category)
     lidc_root, data_dir = lidc_root.resolve(), data_dir.resolve()
@@ -112,17 +182,26 @@ def run_pipeline(
     remember_lidc_root(data_dir, lidc_root)
     defs = build_definitions(data_dir, lidc_root)
     instance = open_instance(data_dir)
+    orphaned = close_orphaned_runs(instance)
+    if orphaned:
+        progress(f"{orphaned} run(s) of an interrupted earlier run marked failed; their patients are redone")
     known = set(instance.get_dynamic_partitions(patients_partitions.name))
     instance.add_dynamic_partitions(patients_partitions.name, [p for p in runnable if p not in known])
 
     job = defs.resolve_job_def("ingest_patient")
+    tags = {RUNNER_TAG: owner_tag()}
     for number, patient_id in enumerate(runnable, start=1):
+        prefix = f"[{number:>{len(str(len(runnable)))}}/{len(runnable)}] {patient_id}"
+        if not rerun and patient_is_current(instance, defs, data_dir, patient_id, lidc_root):
+            metadata = _short_values(metadata_of(latest_record(instance, "nodule_rois", patient_id)))
+            outcomes.append(PatientOutcome(patient_id, True, 0.0, metadata, skipped=True))
+            progress(f"{prefix}: up to date (same files, same code), skipped")
+            continue
         started = time.perf_counter()
         result = job.execute_in_process(
-            run_config=PROGRESS_RUN_CONFIG, instance=instance, partition_key=patient_id, raise_on_error=False
+            run_config=PROGRESS_RUN_CONFIG, instance=instance, partition_key=patient_id, raise_on_error=False, tags=tags
         )
         seconds = time.perf_counter() - started
-        prefix = f"[{number:>{len(str(len(runnable)))}}/{len(runnable)}] {patient_id}"
         if result.success:
             metadata = _materialization_metadata(result, "nodule_rois")
             outcomes.append(PatientOutcome(patient_id, True, seconds, metadata))
@@ -137,23 +216,28 @@ def run_pipeline(
             outcomes.append(PatientOutcome(patient_id, False, seconds, error=reason))
             progress(f"{prefix}: FAILED {reason}")
 
-    library_ok, library_metadata = None, {}
-    if any(o.ok for o in outcomes) or instance.get_dynamic_partitions(patients_partitions.name):
-        progress("library: roi_dataset (split), hash_model (training), hash_index, retrieval_evaluation")
-        ops = {"hash_model": {"config": training or {}}}
-        selection = [AssetKey(name) for name in LIBRARY_ASSET_NAMES]
-        if report == "none":
-            selection = selection[:-1]
-        else:
-            ops["retrieval_evaluation"] = {"config": {"profile": report}}
-        result = defs.resolve_job_def("build_library").execute_in_process(
-            run_config={**PROGRESS_RUN_CONFIG, "ops": ops},
-            instance=instance,
-            raise_on_error=False,
-            asset_selection=selection,
-        )
-        library_ok = result.success
-        library_metadata = {name: _materialization_metadata(result, name) for name in LIBRARY_ASSET_NAMES}
-        if not result.success:
-            progress(f"library: FAILED {failure_reason(result)}")
-    return RunSummary(outcomes, library_ok, library_metadata)
+    summary = RunSummary(outcomes, None, {}, orphaned_runs=orphaned)
+    if not (any(o.ok for o in outcomes) or instance.get_dynamic_partitions(patients_partitions.name)):
+        return summary
+    names = LIBRARY_ASSET_NAMES if report != "none" else LIBRARY_ASSET_NAMES[:-1]
+    if not rerun and library_is_current(instance, defs, data_dir, names, training, report):
+        progress("library: up to date (no new ROIs, same code and settings), skipped")
+        summary.library_ok, summary.library_skipped = True, True
+        summary.library_metadata = {name: _short_values(metadata_of(latest_record(instance, name))) for name in names}
+        return summary
+    progress("library: roi_dataset (split), hash_model (training), hash_index, retrieval_evaluation")
+    ops = {"hash_model": {"config": training or {}}}
+    if report != "none":
+        ops["retrieval_evaluation"] = {"config": {"profile": report}}
+    result = defs.resolve_job_def("build_library").execute_in_process(
+        run_config={**PROGRESS_RUN_CONFIG, "ops": ops},
+        instance=instance,
+        raise_on_error=False,
+        asset_selection=[AssetKey(name) for name in names],
+        tags=tags,
+    )
+    summary.library_ok = result.success
+    summary.library_metadata = {name: _materialization_metadata(result, name) for name in LIBRARY_ASSET_NAMES}
+    if not result.success:
+        progress(f"library: FAILED {failure_reason(result)}")
+    return summary

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from nodule_pipeline.errors import check_safe_key
+from nodule_pipeline.errors import StorageError, check_safe_key
 
 T = TypeVar("T")
 
@@ -21,39 +21,65 @@ T = TypeVar("T")
 _HOST = socket.gethostname().replace(".", "_")
 
 
-def _owner_tag() -> str:
-    """Names temporaries after their writer (host and pid), so a later writer can tell them apart."""
+def owner_tag() -> str:
+    """Names temporaries (and runs) after their writer (host and pid), so a later writer can tell
+    whether that writer still lives."""
     return f"{_HOST}~{os.getpid()}~"
+
+
+def owner_died(tag: str) -> bool:
+    """Whether the writer an :func:`owner_tag` names was a process on this host that is gone
+    (killed, crashed). Writers on other hosts, alive, or unknown count as alive."""
+    host, _, rest = tag.partition("~")
+    pid = rest.split("~", 1)[0]
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _remove_orphans(target: Path) -> None:
     """Delete the temporaries of writers on this host that died (SIGKILL, power loss) before they
     could clean up. Writers on other hosts or still alive are left alone."""
-    for leftover in target.parent.glob(f".{target.name}.{_HOST}~*~*"):
-        pid = leftover.name.split("~")[1]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+    prefix = f".{target.name}."
+    for leftover in target.parent.glob(f"{prefix}{_HOST}~*~*"):
+        if owner_died(leftover.name[len(prefix) :]):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            continue
+
+
+@contextmanager
+def _storing(target: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only file system, no permission) into a
+    :class:`StorageError` that names the artefact; the callers have left the old version alone."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as error:
+        raise StorageError(target, error) from None
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write through ``write(tmp_path)`` then rename into place: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _storing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 @contextmanager
@@ -116,25 +142,26 @@ def replace_dir(target: Path, fill: Callable[[Path], object]) -> None:
     A crash leaves either the old folder or the new one, never a mix, so a failed rerun cannot
     destroy a patient's earlier result; concurrent writers swap one at a time and the last wins.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner_tag()}", dir=target.parent))
-    try:
-        fill(tmp)
-        with _swap_lock(target, shared=False):
-            _finish_interrupted_swap(target)
-            for stale in target.parent.glob(f".{target.name}.old-*"):  # a writer killed while deleting it
-                shutil.rmtree(stale, ignore_errors=True)
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _storing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{owner_tag()}", dir=target.parent))
+        try:
+            fill(tmp)
+            with _swap_lock(target, shared=False):
+                _finish_interrupted_swap(target)
+                for stale in target.parent.glob(f".{target.name}.old-*"):  # a writer killed while deleting it
+                    shutil.rmtree(stale, ignore_errors=True)
+                if target.exists():
+                    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                    os.replace(target, old)
+                    os.replace(tmp, target)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def artefact_folder(base_dir: Path, asset_path: list[str], partition_key: str | None = None) -> Path:

@@ -47,7 +47,9 @@ def retrieval_evaluation(
         context.log.warning(f"no evaluation: {reason}")
         payload = json.dumps({"skipped": str(reason), "model_version": hash_model.model_version})
         atomic_write(Path(reports.folder) / "evaluation.json", lambda tmp: tmp.write_text(payload))
-        return MaterializeResult(metadata={"skipped": str(reason), "model_version": hash_model.model_version})
+        return MaterializeResult(
+            metadata={"skipped": str(reason), "model_version": hash_model.model_version, "profile": config.profile}
+        )
     report = evaluation.report
     report["lineage"] = {
         "model_version": hash_model.model_version,
@@ -60,6 +62,7 @@ def retrieval_evaluation(
     leakage = report.get("leakage") or {}
     return MaterializeResult(
         metadata={
+            "profile": config.profile,
             "accuracy": ours["accuracy"],
             "p_at_10": ours["p_at_10"],
             "map_at_10": ours["map_at_k"]["10"],

@@ -141,6 +141,7 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
             "model_size_mb": round(size_mb, 2),
             "curves": MetadataValue.md(markdown_image(curve, "loss and accuracy per epoch")),
             "card": MetadataValue.json(card),
+            "config": MetadataValue.json(config.model_dump()),
         },
     )
     accuracy = metrics.get("accuracy")

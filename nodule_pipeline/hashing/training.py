@@ -12,6 +12,7 @@ Generator, fixed thread count). On CUDA cuDNN kernels and mixed precision are no
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -374,10 +375,14 @@ def save_model(model: TrainedModel, folder: Path, card: dict[str, Any] | None = 
     json.dumps(meta)  # a card that is not JSON fails here, before the old folder is touched
 
     def fill(tmp: Path) -> None:
-        weights = tmp / WEIGHTS_FILE
-        state = {key: value.detach().cpu() for key, value in model.module.state_dict().items()}
-        torch.save(state, weights)
-        (tmp / META_FILE).write_text(json.dumps({**meta, "weights_sha256": _sha256(weights)}, indent=2))
+        # Serialised in memory and written by Python: a full disk is then an OSError naming the
+        # errno, where torch's own file writer reports an opaque RuntimeError.
+        buffer = io.BytesIO()
+        torch.save({key: value.detach().cpu() for key, value in model.module.state_dict().items()}, buffer)
+        weights = buffer.getvalue()
+        (tmp / WEIGHTS_FILE).write_bytes(weights)
+        checksum = hashlib.sha256(weights).hexdigest()
+        (tmp / META_FILE).write_text(json.dumps({**meta, "weights_sha256": checksum}, indent=2))
 
     replace_dir(folder, fill)
 
