@@ -89,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, flush=True),
         training=training,
         report=args.report,
+        rerun=args.rerun_all,
     )
     _print_summary(summary, data_dir)
     return 1 if summary.failed or summary.library_ok is False else 0
@@ -116,39 +117,42 @@ def cmd_export_rois(args: argparse.Namespace) -> int:
     return 0
 
 
-def _triple(text: str, cast: type) -> tuple:
-    parts = text.split(",")
-    if len(parts) != 3:
-        raise InputDataError(f"position {text!r} must be three comma-separated numbers")
-    try:
-        return tuple(cast(part) for part in parts)
-    except ValueError:
-        raise InputDataError(f"position {text!r} must be three comma-separated numbers") from None
+def _triple(text: str, option: str) -> tuple[float, ...]:
+    """The numbers of a comma-separated position option; whether they make a position (three of
+    them, finite, whole voxel indices, inside the volume) is for the searcher to say."""
+    numbers = []
+    for part in text.split(","):
+        try:
+            numbers.append(float(part))
+        except ValueError:
+            raise InputDataError(f"{option} {text!r}: {part.strip()!r} is not a number") from None
+    return tuple(numbers)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """The k most similar known nodules to a query ROI or to a nodule in a DICOM series."""
+    """The k most similar known nodules to a query ROI or to a nodule in a DICOM series. The query
+    is read and checked before the library is loaded, so a bad one fails at once."""
     import json
 
     from nodule_pipeline.hashing.searcher import NoduleSearcher, load_query_roi
     from nodule_pipeline.pictures import search_results
 
+    positions = (args.at, args.at_mm)
+    if args.roi is not None and (args.dicom is not None or positions != (None, None)):
+        raise InputDataError("give either --roi FILE or --dicom DIR with a position, not both")
+    if args.roi is None and (args.dicom is None or positions == (None, None)):
+        raise InputDataError("give --roi FILE, or --dicom DIR with --at I,J,K or --at-mm X,Y,Z")
+    query = load_query_roi(Path(args.roi)) if args.roi is not None else None
+    voxel = _triple(args.at, "--at") if args.at is not None else None
+    position = _triple(args.at_mm, "--at-mm") if args.at_mm is not None else None
     searcher = NoduleSearcher.from_data_dir(Path(args.data_dir))
     options = {"k": args.k, "mode": args.mode, "exclude_patient": args.exclude_patient}
-    if args.roi:
-        response = searcher.search_roi(load_query_roi(Path(args.roi)), source=args.roi, **options)
-    elif args.dicom and (args.at or args.at_mm):
-        voxel = _triple(args.at, int) if args.at else None
-        position = _triple(args.at_mm, float) if args.at_mm else None
+    if query is not None:
+        response = searcher.search_roi(query, source=args.roi, **options)
+    else:
         response = searcher.search_dicom(Path(args.dicom), voxel=voxel, position_mm=position, **options)
-    else:
-        raise InputDataError("give --roi FILE, or --dicom DIR with --at I,J,K or --at-mm X,Y,Z")
     hits = response.hits
-    if args.json:
-        print(json.dumps([hit.to_json() for hit in hits], indent=2))
-    else:
-        print(response.as_text(searcher.index.index_version))
-    if args.picture:
+    if args.picture:  # first, so that an unwritable picture fails before anything is printed
         rois = searcher.index.rois
         blank = np.full((32, 32), -1024, dtype=np.float32)
         png = search_results(
@@ -158,8 +162,15 @@ def cmd_search(args: argparse.Namespace) -> int:
             [hit.label for hit in hits],
             [f"#{hit.rank} {hit.nodule_id}\nham {hit.hamming}" for hit in hits],
         )
-        Path(args.picture).write_bytes(png)
-        if not args.json:
+        try:
+            Path(args.picture).write_bytes(png)
+        except OSError as error:
+            raise InputDataError(f"cannot write the picture ({error.strerror or error})", path=args.picture) from None
+    if args.json:
+        print(json.dumps([hit.to_json() for hit in hits], indent=2))
+    else:
+        print(response.as_text(searcher.index.index_version))
+        if args.picture:
             print(f"picture: {args.picture}")
     return 0
 
@@ -200,6 +211,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reveal(args: argparse.Namespace) -> int:
+    """Print what a pseudonym stands for: on the machine that holds the key and the scans only."""
+    from nodule_pipeline.privacy import reveal
+
+    try:
+        found = reveal(args.pseudonym, [Path(args.lidc_root)])
+    except ValueError as error:
+        raise InputDataError(str(error)) from None
+    if not found:
+        raise InputDataError(f"nothing under the scan root has the pseudonym {args.pseudonym!r}", path=args.lidc_root)
+    for path in found:
+        print(path)
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the Dagster UI on the instance and artefacts under ``--data-dir`` (127.0.0.1 only)."""
     from nodule_pipeline.resources import DATA_DIR_ENV
@@ -214,7 +240,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_training_options(parser: argparse.ArgumentParser) -> None:
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of a pipeline run: training, report, and whether to redo what is current."""
+    parser.add_argument(
+        "--rerun-all",
+        action="store_true",
+        help="redo every patient and the library, even those current (default: only what is missing or changed)",
+    )
     parser.add_argument("--epochs", type=int, help="training epochs of hash_model (default 25, the paper's)")
     parser.add_argument("--bits", type=int, help="hash bits (default 256, the paper's best)")
     parser.add_argument(
@@ -249,14 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lidc-root", required=True, help="scan root in TCIA layout")
     run.add_argument("--data-dir", default="data", help="instance and artefacts (default %(default)s)")
     run.add_argument("--patients", nargs="+", help="only these patient ids")
-    add_training_options(run)
+    add_run_options(run)
     run.set_defaults(func=cmd_run)
 
     demo = commands.add_parser("demo", help="generate the demo data if absent and run everything on it")
     demo.add_argument("--data-dir", default="data")
     demo.add_argument("--patients", type=int, default=DEFAULT_DEMO_PATIENTS)
     demo.add_argument("--seed", type=int, default=0)
-    add_training_options(demo)
+    add_run_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     export = commands.add_parser("export-rois", help="write the materialized roi_dataset as a ROI table")
@@ -297,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=cmd_bench)
 
+    reveal = commands.add_parser(
+        "reveal", help="which scan folder or file a pseudonym stands for (needs NODULE_PIPELINE_PSEUDONYM_KEY)"
+    )
+    reveal.add_argument("pseudonym", help="a patient pseudonym (P...) or a path token (F...) from an error or log")
+    reveal.add_argument("--lidc-root", required=True, help="scan root the pseudonyms were made from")
+    reveal.set_defaults(func=cmd_reveal)
+
     ui = commands.add_parser("ui", help="open the Dagster UI on a data dir")
     ui.add_argument("--data-dir", default="data")
     ui.add_argument("--host", default="127.0.0.1")
@@ -305,8 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+POSITION_OPTIONS = ("--at", "--at-mm")
+
+
+def _attach_position_values(argv: list[str]) -> list[str]:
+    """``--at-mm -100,20,-150`` as ``--at-mm=-100,20,-150``: patient coordinates are often
+    negative, and argparse would take a value starting with '-' for an option."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in POSITION_OPTIONS and arg.startswith("-") and not arg.startswith("--"):
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_position_values(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except InputDataError as error:

@@ -8,11 +8,13 @@ in a DICOM series, with the same ROI cut as ingestion.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
@@ -56,42 +58,113 @@ class SearchResponse:
 
 
 def check_query_image(image: np.ndarray, source: str) -> np.ndarray:
-    """A 32x32 finite ROI (also accepts 1024 flat values); anything else is a clear error."""
+    """The one check of a query ROI, whatever it came from: a 32x32 array of finite real numbers
+    (Hounsfield units). A flat vector of 1024 values, or 32x32 with extra axes of length 1, is
+    taken as the 32x32 ROI; any other shape, a non-numeric, boolean or complex dtype, NaN and
+    infinite values are a clear error naming ``source``."""
     array = np.asarray(image)
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise InputDataError(f"query ROI must be numeric, got {array.dtype}", path=source)
-    if array.size == ROI_SIZE * ROI_SIZE:
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InputDataError(f"query ROI must hold real numbers (HU), got dtype {array.dtype}", path=source)
+    if array.size == ROI_SIZE * ROI_SIZE and (array.ndim == 1 or array.squeeze().shape == (ROI_SIZE, ROI_SIZE)):
         array = array.reshape(ROI_SIZE, ROI_SIZE)
     if array.shape != (ROI_SIZE, ROI_SIZE):
         raise InputDataError(f"query ROI must be {ROI_SIZE}x{ROI_SIZE}, got shape {array.shape}", path=source)
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise InputDataError("query ROI holds NaN or infinite values", path=source)
-    return array
+    for bad, what in ((np.isnan(array), "NaN"), (np.isinf(array), "infinite")):
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise InputDataError(
+                f"query ROI holds {int(bad.sum())} {what} value(s), first at (row {row}, col {col})", path=source
+            )
+    if np.abs(array).max() > np.finfo(np.float32).max:
+        raise InputDataError("query ROI holds values beyond the float32 range; expected Hounsfield units", path=source)
+    return array.astype(np.float32)
+
+
+NPY_MAGIC = b"\x93NUMPY"
+PNG_MODES = ("L", "LA", "RGB", "RGBA", "P", "PA")
+"""PNG layouts a query may have: 8-bit grey, or 8-bit colour/palette/alpha whose pixels are all grey
+and opaque (a grey picture some tool saved in colour). 1-bit, 16-bit and float pictures do not
+hold the 8-bit lung window and are refused, like coloured or transparent pixels."""
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """The one array of a ``.npy`` file, never unpickled (``allow_pickle=False``)."""
+    with path.open("rb") as file:
+        head = file.read(len(NPY_MAGIC))
+        if head != NPY_MAGIC:
+            reason = (
+                "is a .npz archive, not a .npy array"
+                if head.startswith(b"PK")
+                else "not a .npy array file (it does not start with the NumPy header)"
+            )
+            raise InputDataError(reason, path=path)
+        file.seek(0)
+        try:
+            return np.load(file, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise InputDataError(f"not a readable .npy array ({error})", path=path) from None
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """The grey levels (0-255) of an 8-bit grey PNG, or of a colour one that is all grey and opaque."""
+    try:
+        with Image.open(path, formats=["PNG"]) as picture:
+            mode = picture.mode
+            pixels = np.asarray(picture.convert("RGBA") if mode in ("P", "PA") else picture)
+    except UnidentifiedImageError:
+        raise InputDataError("not a PNG image", path=path) from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise InputDataError(f"not a readable PNG image ({error})", path=path) from None
+    if mode not in PNG_MODES:
+        raise InputDataError(f"PNG of mode {mode!r} is not supported: save the ROI as an 8-bit grey PNG", path=path)
+    if pixels.ndim == 2:
+        return pixels
+    if pixels.shape[-1] in (2, 4) and (pixels[..., -1] != 255).any():
+        raise InputDataError("PNG has transparent pixels; save the ROI as an opaque grey PNG", path=path)
+    colours = pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., :1]
+    if (colours != colours[..., :1]).any():
+        raise InputDataError("PNG is in colour; save the ROI as a grey (lung window) PNG", path=path)
+    return colours[..., 0]
 
 
 def load_query_roi(path: Path) -> np.ndarray:
-    """A query ROI from a file: ``.npy`` in Hounsfield units, or a grey PNG read as the lung window
-    of the project's pictures (level -600, width 1500 HU) and mapped back to HU."""
+    """A query ROI from a file: ``.npy`` in Hounsfield units (never unpickled), or a PNG read as the
+    lung window of the project's pictures (level -600, width 1500 HU) and mapped back to HU; see
+    ``PNG_MODES`` for the PNG layouts accepted. Either must hold 32x32 values (``check_query_image``).
+    A missing, empty or unreadable file, a folder, another extension or contents that do not
+    match the extension are each a clear error naming the file."""
+    if path.is_dir():
+        raise InputDataError("query ROI is a folder, not a file", path=path)
     if not path.is_file():
         raise InputDataError("query file not found", path=path)
     if path.stat().st_size == 0:
         raise InputDataError("query file is empty", path=path)
-    if path.suffix.lower() == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise InputDataError(f"not a readable .npy array ({error})", path=path) from None
-        return check_query_image(array, str(path))
-    if path.suffix.lower() == ".png":
-        try:
-            with Image.open(path) as picture:
-                grey = np.asarray(picture.convert("L"), dtype=np.float32)
-        except (OSError, ValueError) as error:
-            raise InputDataError(f"not a readable PNG image ({error})", path=path) from None
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return check_query_image(_read_npy(path), str(path))
+    if suffix == ".png":
         level, width = LUNG_WINDOW
+        grey = _read_png(path).astype(np.float32)
         return check_query_image(grey / 255.0 * width + (level - width / 2), str(path))
-    raise InputDataError("query ROI must be a .npy array (HU) or a .png picture", path=path)
+    raise InputDataError(
+        f"query ROI must be a .npy array (HU) or a .png picture, not {suffix or 'a file without extension'}", path=path
+    )
+
+
+def check_position(values: object, voxel: bool, source: str) -> tuple:
+    """A nodule position as three finite numbers: whole (row, col, slice) voxel indices, or (x, y, z)
+    in patient mm. Whether it lies in the volume is for the series to say (``CtSeries.check_voxel``)."""
+    what = "voxel (row, col, slice)" if voxel else "position (x, y, z) in mm"
+    parts = tuple(values) if isinstance(values, (tuple, list, np.ndarray)) else (values,)
+    if len(parts) != 3 or not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in parts):
+        raise InputDataError(f"{what} must be three numbers, got {values!r}", path=source)
+    if not all(math.isfinite(v) for v in parts):
+        raise InputDataError(f"{what} must be finite numbers, got {values!r}", path=source)
+    if voxel:
+        if not all(float(v).is_integer() for v in parts):
+            raise InputDataError(f"{what} must be whole voxel indices, got {values!r}", path=source)
+        return tuple(int(v) for v in parts)
+    return tuple(float(v) for v in parts)
 
 
 class NoduleSearcher:
@@ -123,6 +196,13 @@ class NoduleSearcher:
             model_dir = versioned if versioned.is_dir() else model_dir
         return cls.from_paths(model_dir, index_dir)
 
+    @staticmethod
+    def _check_options(k: int, mode: str) -> None:
+        if mode not in MODES:
+            raise InputDataError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise InputDataError(f"k must be a whole number of at least 1, got {k!r}")
+
     def search_roi(
         self,
         image: np.ndarray,
@@ -132,10 +212,7 @@ class NoduleSearcher:
         source: str = "query",
     ) -> SearchResponse:
         """The k most similar database nodules to a 32x32 ROI (Hounsfield units, like the database)."""
-        if mode not in MODES:
-            raise InputDataError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
-        if k < 1:
-            raise InputDataError(f"k must be at least 1, got {k}")
+        self._check_options(k, mode)
         roi = check_query_image(image, source)
         encoded = encode(self.model, roi[None])
         predicted = int(encoded.predicted[0])
@@ -162,10 +239,37 @@ class NoduleSearcher:
         """Cut the ROI at a nodule of a DICOM series (voxel (row, col, slice) or patient mm) the
         way ingestion does, then search with it."""
         if (voxel is None) == (position_mm is None):
-            raise InputDataError("give the nodule position either as a voxel or in patient mm")
+            raise InputDataError("give the nodule position either as a voxel or in patient mm", path=series_dir)
+        self._check_options(k, mode)
+        if voxel is not None:
+            voxel = check_position(voxel, True, str(series_dir))
+        else:
+            position_mm = check_position(position_mm, False, str(series_dir))
+        if not series_dir.is_dir():
+            what = "is a file, not a DICOM series folder" if series_dir.exists() else "DICOM series folder not found"
+            raise InputDataError(what, path=series_dir)
         patient_id = series_dir.parent.parent.name if series_dir.parent.parent.name else "query"
         series = load_series(series_dir, patient_id)
-        centre = series.check_voxel(voxel) if voxel is not None else series.voxel_at_mm(*position_mm)
+        if voxel is not None:
+            centre = series.check_voxel(voxel)
+        else:
+            try:
+                centre = series.voxel_at_mm(*position_mm)
+            except (ValueError, OverflowError):  # InputDataError too: its message has the voxel, not the mm
+                raise InputDataError(
+                    f"position {position_mm} (x, y, z) mm is outside the volume, which spans {_extent_mm(series)}",
+                    patient_id=series.patient_id,
+                    path=series.folder,
+                ) from None
         lungs = segment_lungs(series.hu, series.spacing_mm)
         image = query_roi_at(series.hu, lungs, centre)
         return self.search_roi(image, k, mode, exclude_patient, source=str(series_dir))
+
+
+def _extent_mm(series) -> str:
+    """The patient-mm box a series covers (voxel centres), for an out-of-volume message."""
+    rows, cols, _ = series.shape
+    x0, y0 = series.origin_mm
+    x1, y1 = x0 + (cols - 1) * series.spacing_mm[1], y0 + (rows - 1) * series.spacing_mm[0]
+    z0, z1 = float(series.slice_z_mm.min()), float(series.slice_z_mm.max())
+    return f"x {min(x0, x1):.1f}..{max(x0, x1):.1f}, y {min(y0, y1):.1f}..{max(y0, y1):.1f}, z {z0:.1f}..{z1:.1f} mm"
