@@ -66,15 +66,15 @@ class Arrival:
 
 
 def find_arrivals(
-    root: Path,
-    patients: list[str],
+    folders: dict[str, Path],
     state: ArrivalState,
     settle_seconds: float,
     known_fingerprint: Callable[[str], str | None],
     now: float | None = None,
     budget_seconds: float = 20.0,
 ) -> list[Arrival]:
-    """Look at each patient folder once and return those that are complete and new or changed.
+    """Look at each patient folder (``folders``: partition key -> folder) once and return those
+    that are complete and new or changed.
 
     ``known_fingerprint(patient)`` gives the fingerprint already ingested (None if never), so a
     folder that was ingested some other way (the command line) is not ingested again.
@@ -84,8 +84,7 @@ def find_arrivals(
     now = time.time() if now is None else now
     started = time.monotonic()
     arrivals = []
-    for patient_id in patients:
-        folder = root / patient_id
+    for patient_id, folder in sorted(folders.items()):
         signature = folder_signature(folder)
         if state.seen.get(patient_id, {}).get("signature") == signature:
             continue

@@ -12,7 +12,6 @@
 
 import json
 import os
-from pathlib import Path
 
 from dagster import (
     AssetSelection,
@@ -53,13 +52,11 @@ def settle_seconds() -> float:
 )
 def new_scans(context: SensorEvaluationContext, scan_source: ScanSource):
     try:
-        patients = scan_source.list_patients()
+        folders = scan_source.patient_folders()
     except InputDataError as error:
         return SkipReason(str(error))
     state = ArrivalState.from_dict(json.loads(context.cursor) if context.cursor else None)
-    arrivals = find_arrivals(
-        Path(scan_source.root), patients, state, settle_seconds(), lambda p: ingested_fingerprint(context.instance, p)
-    )
+    arrivals = find_arrivals(folders, state, settle_seconds(), lambda p: ingested_fingerprint(context.instance, p))
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
     new = sorted({a.patient_id for a in arrivals} - known)
     if arrivals:

@@ -6,6 +6,8 @@ import errno
 import re
 from pathlib import Path
 
+from nodule_pipeline.privacy import shown_path
+
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -21,7 +23,8 @@ class InputDataError(ValueError):
     ):
         self.reason = reason
         self.patient_id = patient_id
-        self.path = str(path) if path is not None else None
+        # A patient's file paths carry the folder name (and often UIDs): tokens under pseudonyms.
+        self.path = None if path is None else shown_path(path) if patient_id else str(path)
         where = ": ".join(part for part in (patient_id, self.path) if part)
         super().__init__(f"{where}: {reason}" if where else reason)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,6 +57,7 @@ DICOM_ATTRIBUTES_READ = (
 a file, identifying or not, is ever parsed."""
 
 PATIENT_PREFIX, FILE_PREFIX, READER_PREFIX = "P", "F", "R"
+_QUOTED_PATH = re.compile(r"""['"](/[^'"]*)['"]""")
 UID_ROOT = "2.25."
 """UUID-derived UID root (ISO/IEC 9834-8): a pseudonymised UID is still a valid DICOM UID."""
 
@@ -103,6 +105,25 @@ def shown_path(path: Path | str) -> str:
     """How a path may appear in errors, logs and metadata: itself, or its token under pseudonyms."""
     pseudonymiser = active()
     return pseudonymiser.path(path) if pseudonymiser else str(path)
+
+
+def shown_name(path: Path | str) -> str:
+    """A file's name as a message may show it: the name, or its token under pseudonyms."""
+    pseudonymiser = active()
+    return pseudonymiser.path(path) if pseudonymiser else Path(path).name
+
+
+def shown_uid(uid: str) -> str:
+    """A DICOM UID as a message may show it: itself, or its pseudonym (as stored)."""
+    pseudonymiser = active()
+    return pseudonymiser.uid(uid) if pseudonymiser else uid
+
+
+def scrub_paths(text: str) -> str:
+    """Library error texts can quote a file's absolute path: under pseudonyms, its token instead."""
+    if active() is None:
+        return text
+    return _QUOTED_PATH.sub(lambda match: repr(shown_path(match.group(1))), text)
 
 
 def reveal(token: str, roots: list[Path]) -> list[Path]:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
 
+from nodule_pipeline import privacy
 from nodule_pipeline.errors import InputDataError, check_safe_key
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.index import MANIFEST as INDEX_MANIFEST
@@ -75,22 +76,38 @@ def load_artefact(folder: Path, lazy_volumes: bool = False) -> object:
 
 
 class ScanSource(ConfigurableResource):
-    """LIDC scans in TCIA layout: ``<root>/<patient_id>/<study_uid>/<series_uid>/*.dcm`` + XML."""
+    """LIDC scans in TCIA layout: ``<root>/<patient_id>/<study_uid>/<series_uid>/*.dcm`` + XML.
+
+    Partition keys are the patient folder names, or their keyed pseudonyms when
+    ``NODULE_PIPELINE_PSEUDONYM_KEY`` is set (see :mod:`nodule_pipeline.privacy`)."""
 
     root: str
 
+    def patient_folders(self) -> dict[str, Path]:
+        """Partition key -> folder, for every patient folder under the root that holds DICOM files."""
+        root = Path(self.root)
+        if not root.is_dir():
+            raise InputDataError("scan root folder not found", path=root)
+        pseudonymiser = privacy.active()
+        folders = [p for p in root.iterdir() if p.is_dir() and next(p.rglob("*.dcm"), None) is not None]
+        return {(pseudonymiser.patient(p.name) if pseudonymiser else p.name): p for p in sorted(folders)}
+
     def patient_dir(self, patient_id: str) -> Path:
-        return Path(self.root) / check_safe_key(patient_id)
+        pseudonymiser = privacy.active()
+        if pseudonymiser is None:
+            return Path(self.root) / check_safe_key(patient_id)
+        root = Path(self.root)
+        for folder in root.iterdir() if root.is_dir() else ():
+            if pseudonymiser.patient(folder.name) == patient_id:
+                return folder
+        raise InputDataError("no patient folder under the scan root has this pseudonym", patient_id=patient_id)
 
     def series_folders(self, patient_id: str) -> list[Path]:
         return find_series_folders(self.patient_dir(patient_id), patient_id)
 
     def list_patients(self) -> list[str]:
-        """Patient folders under the root that hold DICOM files (sorted)."""
-        root = Path(self.root)
-        if not root.is_dir():
-            raise InputDataError("scan root folder not found", path=root)
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and next(p.rglob("*.dcm"), None) is not None)
+        """Partition keys of the patient folders that hold DICOM files (sorted)."""
+        return sorted(self.patient_folders())
 
 
 class ReportStore(ConfigurableResource):

@@ -25,6 +25,7 @@ from dagster import (
     RunsFilter,
 )
 
+from nodule_pipeline import privacy
 from nodule_pipeline.arrivals import content_fingerprint
 from nodule_pipeline.currency import ingested_fingerprint, is_current, latest_record, metadata_of
 from nodule_pipeline.definitions import build_definitions
@@ -100,6 +101,12 @@ def _short_values(metadata: dict) -> dict:
     return {key: value for key, value in metadata.items() if not isinstance(value, str) or len(value) < 500}
 
 
+def _partition_key(patient: str, folders: dict[str, Path]) -> str:
+    """A patient as the user names it (partition key, or folder name under pseudonyms) as a key."""
+    pseudonymiser = privacy.active()
+    return pseudonymiser.patient(patient) if pseudonymiser and patient not in folders else patient
+
+
 def close_orphaned_runs(instance: DagsterInstance) -> int:
     """Mark failed the runs that a runner on this host started and did not live to finish (it was
     killed or crashed): they would otherwise show as running in the UI for ever."""
@@ -112,14 +119,14 @@ def close_orphaned_runs(instance: DagsterInstance) -> int:
 
 
 def patient_is_current(
-    instance: DagsterInstance, defs: Definitions, data_dir: Path, patient_id: str, lidc_root: Path
+    instance: DagsterInstance, defs: Definitions, data_dir: Path, patient_id: str, folder: Path
 ) -> bool:
     """Every per-patient asset is materialized, stored and current, from the same source files."""
     artefacts = artefacts_dir(data_dir)
     for name in INGESTION_ASSET_NAMES:
         if not is_current(instance, defs, artefact_folder(artefacts, [name], patient_id), name, patient_id):
             return False
-    return ingested_fingerprint(instance, patient_id) == content_fingerprint(lidc_root / patient_id)
+    return ingested_fingerprint(instance, patient_id) == content_fingerprint(folder)
 
 
 def library_is_current(
@@ -163,14 +170,15 @@ def run_pipeline(
         warnings.filterwarnings("ignore", category=category)
     lidc_root, data_dir = lidc_root.resolve(), data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    found = ScanSource(root=str(lidc_root)).list_patients()
-    wanted = list(patients) if patients else found
+    scans = ScanSource(root=str(lidc_root))
+    folders = scans.patient_folders()
+    wanted = [_partition_key(p, folders) for p in patients] if patients else list(folders)
     outcomes: list[PatientOutcome] = []
     runnable = []
     for patient_id in wanted:
         try:
             check_safe_key(patient_id)
-            if patient_id not in found:
+            if patient_id not in folders:
                 raise InputDataError(
                     "no patient folder with DICOM files under the scan root", patient_id=patient_id, path=lidc_root
                 )
@@ -192,7 +200,7 @@ def run_pipeline(
     tags = {RUNNER_TAG: owner_tag()}
     for number, patient_id in enumerate(runnable, start=1):
         prefix = f"[{number:>{len(str(len(runnable)))}}/{len(runnable)}] {patient_id}"
-        if not rerun and patient_is_current(instance, defs, data_dir, patient_id, lidc_root):
+        if not rerun and patient_is_current(instance, defs, data_dir, patient_id, folders[patient_id]):
             metadata = _short_values(metadata_of(latest_record(instance, "nodule_rois", patient_id)))
             outcomes.append(PatientOutcome(patient_id, True, 0.0, metadata, skipped=True))
             progress(f"{prefix}: up to date (same files, same code), skipped")

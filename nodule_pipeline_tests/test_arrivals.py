@@ -40,8 +40,8 @@ def _folder(root: Path, name: str, files: dict[str, bytes]) -> Path:
 
 
 def _look(root: Path, state: ArrivalState, now: float, known: dict[str, str] | None = None) -> list[str]:
-    patients = sorted(p.name for p in root.iterdir())
-    arrivals = find_arrivals(root, patients, state, settle_seconds=60, known_fingerprint=(known or {}).get, now=now)
+    folders = {p.name: p for p in root.iterdir()}
+    arrivals = find_arrivals(folders, state, settle_seconds=60, known_fingerprint=(known or {}).get, now=now)
     return [a.patient_id for a in arrivals]
 
 

@@ -4,6 +4,7 @@ import time
 
 from dagster import AssetExecutionContext, MetadataValue, asset
 
+from nodule_pipeline import privacy
 from nodule_pipeline.arrivals import content_fingerprint
 from nodule_pipeline.lidc.series import CtSeries, load_series
 from nodule_pipeline.partitions import patients_partitions
@@ -18,10 +19,15 @@ SOURCE_FINGERPRINT = "source_fingerprint"
 def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[CtSeries]:
     """Every CT series of the patient (TCIA layout) with its LIDC XML annotations, validated:
     readable slices, one series per folder, no missing or duplicate slices, annotations on
-    slices of the series. Stored as zstd-compressed int16 volumes plus JSON."""
+    slices of the series. Stored as zstd-compressed int16 volumes plus JSON; only technical DICOM
+    attributes are read, and UIDs, readers and paths are pseudonymised when pseudonyms are on."""
     patient_id = context.partition_key
     started = time.perf_counter()
     series_list = [load_series(folder, patient_id) for folder in scan_source.series_folders(patient_id)]
+    pseudonymiser = privacy.active()
+    if pseudonymiser:
+        series_list = [series.pseudonymised(pseudonymiser) for series in series_list]
+    patient_dir = scan_source.patient_dir(patient_id)
     middle = series_list[0].hu[:, :, series_list[0].hu.shape[2] // 2]
     context.add_output_metadata(
         {
@@ -32,8 +38,8 @@ def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[C
             "annotations": sum(len(s.annotations.annotations) for s in series_list),
             "annotation_files": MetadataValue.json([str(s.annotations.xml_path) for s in series_list]),
             "volume_mb": round(sum(s.hu.nbytes for s in series_list) / 2**20, 1),
-            "source": MetadataValue.path(str(scan_source.patient_dir(patient_id))),
-            SOURCE_FINGERPRINT: content_fingerprint(scan_source.patient_dir(patient_id)),
+            "source": MetadataValue.path(privacy.shown_path(patient_dir)),
+            SOURCE_FINGERPRINT: content_fingerprint(patient_dir),
             "seconds": round(time.perf_counter() - started, 2),
             "middle_slice": MetadataValue.md(markdown_image(mask_overlay(middle, middle < -10000), "middle slice")),
         }

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from nodule_pipeline import privacy
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
 from nodule_pipeline.hashing.search import SearchHit, search
@@ -248,8 +249,7 @@ class NoduleSearcher:
         if not series_dir.is_dir():
             what = "is a file, not a DICOM series folder" if series_dir.exists() else "DICOM series folder not found"
             raise InputDataError(what, path=series_dir)
-        patient_id = series_dir.parent.parent.name if series_dir.parent.parent.name else "query"
-        series = load_series(series_dir, patient_id)
+        series = load_series(series_dir, _query_patient(series_dir))
         if voxel is not None:
             centre = series.check_voxel(voxel)
         else:
@@ -264,6 +264,14 @@ class NoduleSearcher:
         lungs = segment_lungs(series.hu, series.spacing_mm)
         image = query_roi_at(series.hu, lungs, centre)
         return self.search_roi(image, k, mode, exclude_patient, source=str(series_dir))
+
+
+def _query_patient(series_dir: Path) -> str:
+    """The query's patient as errors name it: the folder two levels up (TCIA layout), as its
+    pseudonym when pseudonyms are on."""
+    name = series_dir.resolve().parent.parent.name or "query"
+    pseudonymiser = privacy.active()
+    return pseudonymiser.patient(name) if pseudonymiser else name
 
 
 def _extent_mm(series) -> str:

@@ -16,6 +16,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import cdist
 
 from nodule_pipeline.errors import InputDataError
+from nodule_pipeline.privacy import shown_name, shown_uid
 
 CHARACTERISTICS = (
     "subtlety",
@@ -193,9 +194,9 @@ def find_series_xml(series_dir: Path, series_uid: str, patient_id: str | None = 
         if parsed.series_uid in (None, series_uid):
             matches.append(parsed)
     if len(matches) > 1:
-        names = ", ".join(m.xml_path.name for m in matches if m.xml_path)
+        names = ", ".join(shown_name(m.xml_path) for m in matches if m.xml_path)
         raise InputDataError(
-            f"more than one LIDC XML for series {series_uid}: {names}",
+            f"more than one LIDC XML for series {shown_uid(series_uid)}: {names}",
             patient_id=patient_id,
             path=series_dir,
         )

@@ -12,7 +12,7 @@ import struct
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,13 @@ from pydicom.multival import MultiValue
 
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.lidc.annotations import (
+    Annotation,
     SeriesAnnotations,
     annotations_from_dict,
     annotations_to_dict,
     find_series_xml,
 )
+from nodule_pipeline.privacy import DICOM_ATTRIBUTES_READ, Pseudonymiser, scrub_paths, shown_name, shown_uid
 from nodule_pipeline.storage import reads_folder, replace_dir
 
 VOLUME_ZSTD_LEVEL = 1
@@ -99,6 +101,35 @@ class CtSeries:
             nearest = -1
         return self.check_voxel((row, col, nearest))
 
+    def pseudonymised(self, pseudonymiser: Pseudonymiser) -> CtSeries:
+        """The series with its UIDs, readers and paths replaced by keyed pseudonyms (the patient
+        id is the partition key, one already): what is stored when pseudonyms are on."""
+        series_uid = pseudonymiser.uid(self.series_uid)
+
+        def annotation(a: Annotation) -> Annotation:
+            contours = tuple(replace(c, sop_uid=pseudonymiser.uid(c.sop_uid) if c.sop_uid else "") for c in a.contours)
+            return replace(
+                a,
+                annotation_id=f"{series_uid[-6:]}-{a.annotation_id.split('-', 1)[-1]}",
+                reader=pseudonymiser.reader(a.reader),
+                contours=contours,
+            )
+
+        notes = self.annotations
+        return replace(
+            self,
+            study_uid=pseudonymiser.uid(self.study_uid) if self.study_uid else "",
+            series_uid=series_uid,
+            folder=Path(pseudonymiser.path(self.folder)),
+            sop_uids=tuple(pseudonymiser.uid(uid) for uid in self.sop_uids),
+            annotations=replace(
+                notes,
+                xml_path=Path(pseudonymiser.path(notes.xml_path)) if notes.xml_path else None,
+                series_uid=pseudonymiser.uid(notes.series_uid) if notes.series_uid else None,
+                annotations=tuple(annotation(a) for a in notes.annotations),
+            ),
+        )
+
 
 def find_series_folders(patient_dir: Path, patient_id: str) -> list[Path]:
     """Every folder under a patient that holds DICOM files (one per series in TCIA layout)."""
@@ -116,7 +147,7 @@ def find_series_folders(patient_dir: Path, patient_id: str) -> list[Path]:
 
 def _read_header(path: Path, patient_id: str) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, specific_tags=list(DICOM_ATTRIBUTES_READ))  # never parse anything else
     except _DICOM_ERRORS as error:
         raise InputDataError(
             f"unreadable DICOM ({_detail(error)})",
@@ -127,7 +158,7 @@ def _read_header(path: Path, patient_id: str) -> pydicom.Dataset:
 
 def _detail(error: BaseException) -> str:
     """An exception as one short line: runners show a failure's last line only."""
-    text = " ".join(str(error).split())
+    text = scrub_paths(" ".join(str(error).split()))
     return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
@@ -233,7 +264,7 @@ def _check_uniform_spacing(z: np.ndarray, files: list[Path], patient_id: str, fo
     if len(duplicates):
         i = int(duplicates[0])
         raise InputDataError(
-            f"duplicate slice at z={z[i]:.2f} mm ({files[i].name} and {files[i + 1].name})",
+            f"duplicate slice at z={z[i]:.2f} mm ({shown_name(files[i])} and {shown_name(files[i + 1])})",
             patient_id=patient_id,
             path=folder,
         )
@@ -243,8 +274,8 @@ def _check_uniform_spacing(z: np.ndarray, files: list[Path], patient_id: str, fo
         i = int(gaps[0])
         missing = round(steps[i] / step) - 1
         raise InputDataError(
-            f"{missing} missing slice(s) between z={z[i]:.2f} mm ({files[i].name}) and "
-            f"z={z[i + 1]:.2f} mm ({files[i + 1].name}); slice spacing is {step:.2f} mm",
+            f"{missing} missing slice(s) between z={z[i]:.2f} mm ({shown_name(files[i])}) and "
+            f"z={z[i + 1]:.2f} mm ({shown_name(files[i + 1])}); slice spacing is {step:.2f} mm",
             patient_id=patient_id,
             path=folder,
         )
@@ -262,13 +293,14 @@ def _check_annotations_fit(
             if not nearest <= Z_TOLERANCE_MM:  # NaN too
                 raise InputDataError(
                     f"annotation {annotation.annotation_id} has a contour at z={contour.z_mm:.2f} mm, "
-                    f"{nearest:.2f} mm from the nearest slice of series {series.series_uid}",
+                    f"{nearest:.2f} mm from the nearest slice of series {shown_uid(series.series_uid or '')}",
                     patient_id=patient_id,
                     path=series.xml_path,
                 )
             if contour.sop_uid and contour.sop_uid not in known_sops:
                 raise InputDataError(
-                    f"annotation {annotation.annotation_id} refers to image {contour.sop_uid}, not in the series",
+                    f"annotation {annotation.annotation_id} refers to image {shown_uid(contour.sop_uid)}, "
+                    "not in the series",
                     patient_id=patient_id,
                     path=series.xml_path,
                 )
@@ -335,8 +367,8 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
     series_uids = Counter(v.series_uid for v in values)
     if len(series_uids) > 1:
         main_uid = series_uids.most_common(1)[0][0]
-        odd = [path.name for v, path in zip(values, files) if v.series_uid != main_uid]
-        described = ", ".join(f"{uid} ({n} files)" for uid, n in series_uids.most_common())
+        odd = [shown_name(path) for v, path in zip(values, files) if v.series_uid != main_uid]
+        described = ", ".join(f"{shown_uid(uid)} ({n} files)" for uid, n in series_uids.most_common())
         raise InputDataError(
             f"more than one series in one folder: {described}; not in the first: "
             f"{', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}",
@@ -346,6 +378,15 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
     rows, cols = _series_value([v.size for v in values], files, "slice size", patient_id)
     pixel_spacing = _series_value([v.pixel_spacing for v in values], files, "pixel spacing", patient_id)
     _series_value([v.orientation for v in values], files, "image orientation", patient_id)
+
+    for keyword in ("RescaleIntercept", "RescaleSlope"):  # a slice without it would be off by it, silently
+        present = [keyword in ds for ds in headers]
+        if any(present) and not all(present):
+            raise InputDataError(
+                f"lacks {keyword}, which other slices of the series have",
+                patient_id=patient_id,
+                path=files[present.index(False)],
+            )
 
     first = values[0]
     z = np.array([v.position[2] for v in values])
