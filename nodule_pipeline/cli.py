@@ -19,7 +19,9 @@ DEFAULT_DEMO_PATIENTS = 24
 def _print_summary(summary, data_dir: Path) -> None:
     ok = [o for o in summary.outcomes if o.ok]
     print()
-    print(f"patients: {len(ok)} ok, {len(summary.failed)} failed")
+    skipped = sum(o.skipped for o in ok)
+    up_to_date = f" ({skipped} of them up to date, not rerun)" if skipped else ""
+    print(f"patients: {len(ok)} ok{up_to_date}, {len(summary.failed)} failed")
     print(
         f"ROIs: {sum(o.metadata.get('kept', 0) for o in ok)} kept "
         f"({sum(o.metadata.get('benign', 0) for o in ok)} benign, "
