@@ -19,13 +19,19 @@ from nodule_pipeline import privacy
 from nodule_pipeline.errors import InputDataError, check_safe_key
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.index import MANIFEST as INDEX_MANIFEST
-from nodule_pipeline.hashing.index import HashIndex, load_index, save_index
+from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest, save_index
 from nodule_pipeline.hashing.training import META_FILE as MODEL_META
 from nodule_pipeline.hashing.training import load_model, read_model_card, save_model
 from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
 from nodule_pipeline.lidc.series import CtSeries, find_series_folders, open_scan, save_scan
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
-from nodule_pipeline.storage import artefact_folder, atomic_write, model_version_folder, replace_dir
+from nodule_pipeline.storage import (
+    artefact_folder,
+    atomic_write,
+    model_version_folder,
+    prune_model_versions,
+    replace_dir,
+)
 
 DATA_DIR_ENV = "NODULE_PIPELINE_DATA_DIR"
 LIDC_ROOT_ENV = "NODULE_PIPELINE_LIDC_ROOT"
@@ -137,6 +143,7 @@ class ArtefactIOManager(ConfigurableIOManager):
             save_model(obj.model, versioned, obj.card)
             # The current model is the same files: hard links, not a second serialisation and checksum.
             replace_dir(folder, lambda tmp: shutil.copytree(versioned, tmp, dirs_exist_ok=True, copy_function=os.link))
+            self._prune_old_models(context, obj.card["model_version"])
         elif isinstance(obj, HashIndex):
             save_index(obj, folder)
         elif isinstance(obj, list) and all(isinstance(s, CtSeries) for s in obj):
@@ -152,6 +159,18 @@ class ArtefactIOManager(ConfigurableIOManager):
             atomic_write(folder / "masks.npz", write)
         else:
             raise TypeError(f"{context.asset_key.to_user_string()}: cannot store a {type(obj).__name__}")
+
+    def _prune_old_models(self, context: OutputContext, current_version: str) -> None:
+        """Keep the newest model versions and the one the index was built with; an index that
+        cannot be read keeps them all (better a full disk than an index without its model)."""
+        index = self._folder(["hash_index"], None)
+        try:
+            in_use = {current_version, *([read_manifest(index)["model_version"]] if index.is_dir() else [])}
+        except (OSError, ValueError, KeyError):
+            return
+        deleted = prune_model_versions(Path(self.base_dir), in_use)
+        if deleted:
+            context.log.info(f"deleted {len(deleted)} old model version(s) no index uses: {', '.join(deleted)}")
 
     def load_input(self, context: InputContext) -> object:
         asset_path = context.asset_key.path

@@ -178,3 +178,33 @@ def model_version_folder(base_dir: Path, model_version: str) -> Path:
     """Every trained model is also kept under its version, so an index can always be searched
     with the exact model that encoded it, even after a retrain that failed its checks."""
     return base_dir / "hash_model_versions" / check_safe_key(model_version, "model version")
+
+
+KEPT_MODEL_VERSIONS = 5
+"""Trained models kept under their version besides the ones in use (each is ~34 MB)."""
+
+
+def prune_model_versions(base_dir: Path, in_use: set[str], newest: int = KEPT_MODEL_VERSIONS) -> list[str]:
+    """Delete stored model versions older than the ``newest`` few, never one ``in_use`` (the
+    model an index was built with): without this every retrain adds a model for good. Each
+    is deleted under its swap lock, so a search loading it finishes first; one that cannot be
+    deleted stays. Returns the deleted."""
+    folder = base_dir / "hash_model_versions"
+    if not folder.is_dir():
+        return []
+    versions = sorted(
+        (path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")),
+        key=lambda path: path.stat().st_mtime_ns,
+        reverse=True,
+    )
+    deleted = []
+    for path in versions[newest:]:
+        if path.name in in_use:
+            continue
+        try:
+            with _swap_lock(path, shared=False):
+                shutil.rmtree(path)
+        except OSError:
+            continue
+        deleted.append(path.name)
+    return deleted

@@ -20,6 +20,7 @@ import pytest
 
 from nodule_pipeline.hashing.index import build_index, load_index, save_index
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
+from nodule_pipeline.storage import prune_model_versions
 
 ITEMS = 40_000
 WRITER = f"""
@@ -132,3 +133,16 @@ def test_two_concurrent_writers_leave_one_valid_index(tmp_path: Path) -> None:
 def _no_stray_writers():
     yield
     os.system("pkill -9 -f 'nodule_pipeline.hashing.index import build_index' >/dev/null 2>&1")
+
+
+def test_old_model_versions_are_pruned_but_not_the_one_in_use(tmp_path: Path) -> None:
+    versions = tmp_path / "hash_model_versions"
+    for age, name in enumerate(f"m{i}" for i in range(8)):  # m0 oldest, m7 newest
+        (versions / name).mkdir(parents=True)
+        (versions / name / "weights.pt").write_bytes(b"w")
+        os.utime(versions / name, ns=(1_000_000_000 * (age + 1),) * 2)
+    deleted = prune_model_versions(tmp_path, in_use={"m0"}, newest=5)
+    assert sorted(deleted) == ["m1", "m2"]
+    kept = sorted(p.name for p in versions.iterdir() if not p.name.startswith("."))
+    assert kept == ["m0", "m3", "m4", "m5", "m6", "m7"]
+    assert prune_model_versions(tmp_path, in_use={"m0"}, newest=5) == []
