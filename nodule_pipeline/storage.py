@@ -55,31 +55,39 @@ def _remove_orphans(target: Path) -> None:
                 leftover.unlink(missing_ok=True)
 
 
-@contextmanager
-def _storing(target: Path) -> Iterator[None]:
-    """Turn a failed write (disk full, read-only file system, no permission) into a
-    :class:`StorageError` that names the artefact; the callers have left the old version alone."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except OSError as error:
-        raise StorageError(target, error) from None
+def _stores(function: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a writer whose first argument is the artefact: a failed write (disk full,
+    read-only file system, no permission) becomes a :class:`StorageError` naming it; the writers
+    leave the old version alone."""
+
+    @functools.wraps(function)
+    def store(target: Path, *args: object, **kwargs: object) -> T:
+        try:
+            return function(target, *args, **kwargs)
+        except StorageError:
+            raise
+        except OSError as error:
+            failure = StorageError(target, error)
+        # Raised outside the handler, so the original error is not kept as its context: that
+        # traceback's frames hold the half-written file's handle, which must close now.
+        raise failure
+
+    return store
 
 
+@_stores
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write through ``write(tmp_path)`` then rename into place: readers never see half a file."""
-    with _storing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            write(Path(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
@@ -136,32 +144,32 @@ def reads_folder(function: Callable[..., T]) -> Callable[..., T]:
     return load
 
 
+@_stores
 def replace_dir(target: Path, fill: Callable[[Path], object]) -> None:
     """Fill a fresh sibling folder through ``fill(tmp_dir)``, then swap it in for ``target``.
 
     A crash leaves either the old folder or the new one, never a mix, so a failed rerun cannot
     destroy a patient's earlier result; concurrent writers swap one at a time and the last wins.
     """
-    with _storing(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{owner_tag()}", dir=target.parent))
-        try:
-            fill(tmp)
-            with _swap_lock(target, shared=False):
-                _finish_interrupted_swap(target)
-                for stale in target.parent.glob(f".{target.name}.old-*"):  # a writer killed while deleting it
-                    shutil.rmtree(stale, ignore_errors=True)
-                if target.exists():
-                    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                    os.replace(target, old)
-                    os.replace(tmp, target)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{owner_tag()}", dir=target.parent))
+    try:
+        fill(tmp)
+        with _swap_lock(target, shared=False):
+            _finish_interrupted_swap(target)
+            for stale in target.parent.glob(f".{target.name}.old-*"):  # a writer killed while deleting it
+                shutil.rmtree(stale, ignore_errors=True)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def artefact_folder(base_dir: Path, asset_path: list[str], partition_key: str | None = None) -> Path:

@@ -10,9 +10,11 @@ Mounting needs root (CI runs as root); elsewhere the module is skipped with the 
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,19 @@ FILLER = "filler.bin"
 
 def _mount(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["mount", *args], capture_output=True, text=True)
+
+
+def _remount_read_only(volume: Path) -> None:
+    """Remount ``volume`` read-only. The kernel refuses while a file on it is open for writing;
+    say which of this process's open files are on it if that persists."""
+    gc.collect()
+    for _ in range(20):
+        result = _mount("-o", "remount,ro", str(volume))
+        if result.returncode == 0:
+            return
+        time.sleep(0.25)
+    open_here = [os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if os.path.exists(fd)]
+    pytest.fail(f"{result.stderr.strip()}; open: {[f for f in open_here if f.startswith(str(volume))]}")
 
 
 def _stored_files(artefacts: Path) -> dict[str, str]:
@@ -126,7 +141,7 @@ def test_a_full_disk_fails_clearly_and_keeps_every_stored_result(volume) -> None
 def test_a_read_only_target_fails_clearly_and_keeps_every_stored_result(volume) -> None:
     root, data_dir, artefacts = volume
     before = _stored_files(artefacts)
-    assert _mount("-o", "remount,ro", str(artefacts)).returncode == 0
+    _remount_read_only(artefacts)
     try:
         summary = _rerun(root, data_dir)
         _assert_clear_storage_failure(summary, "Read-only file system", "EROFS")
