@@ -23,7 +23,7 @@ from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest, 
 from nodule_pipeline.hashing.training import META_FILE as MODEL_META
 from nodule_pipeline.hashing.training import load_model, read_model_card, save_model
 from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
-from nodule_pipeline.lidc.series import CtSeries, find_series_folders, open_scan, save_scan
+from nodule_pipeline.lidc.series import CtSeries, open_scan, save_scan
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
 from nodule_pipeline.storage import (
     artefact_folder,
@@ -107,9 +107,6 @@ class ScanSource(ConfigurableResource):
             if pseudonymiser.patient(folder.name) == patient_id:
                 return folder
         raise InputDataError("no patient folder under the scan root has this pseudonym", patient_id=patient_id)
-
-    def series_folders(self, patient_id: str) -> list[Path]:
-        return find_series_folders(self.patient_dir(patient_id), patient_id)
 
     def list_patients(self) -> list[str]:
         """Partition keys of the patient folders that hold DICOM files (sorted)."""

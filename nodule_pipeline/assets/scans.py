@@ -6,7 +6,7 @@ from dagster import AssetExecutionContext, MetadataValue, asset
 
 from nodule_pipeline import privacy
 from nodule_pipeline.arrivals import content_fingerprint
-from nodule_pipeline.lidc.series import CtSeries, load_series
+from nodule_pipeline.lidc.series import CtSeries, find_series_folders, load_series
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.pictures import markdown_image, mask_overlay
 from nodule_pipeline.resources import ScanSource
@@ -23,11 +23,11 @@ def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[C
     attributes are read, and UIDs, readers and paths are pseudonymised when pseudonyms are on."""
     patient_id = context.partition_key
     started = time.perf_counter()
-    series_list = [load_series(folder, patient_id) for folder in scan_source.series_folders(patient_id)]
+    patient_dir = scan_source.patient_dir(patient_id)  # under pseudonyms a look through the scan root: once
+    series_list = [load_series(folder, patient_id) for folder in find_series_folders(patient_dir, patient_id)]
     pseudonymiser = privacy.active()
     if pseudonymiser:
         series_list = [series.pseudonymised(pseudonymiser) for series in series_list]
-    patient_dir = scan_source.patient_dir(patient_id)
     middle = series_list[0].hu[:, :, series_list[0].hu.shape[2] // 2]
     context.add_output_metadata(
         {
