@@ -18,7 +18,7 @@ from nodule_pipeline.resources import (
     default_data_dir,
     default_lidc_root,
 )
-from nodule_pipeline.storage import artefacts_dir
+from nodule_pipeline.storage import artefacts_dir, reports_dir
 
 
 class _StepMessages(logging.Handler):
@@ -55,7 +55,7 @@ def build_definitions(data_dir: Path | None = None, lidc_root: Path | None = Non
         resources={
             "scan_source": ScanSource(root=str(lidc_root)),
             "io_manager": ArtefactIOManager(base_dir=str(artefacts_dir(data_dir))),
-            "reports": ReportStore(folder=str(data_dir / "reports")),
+            "reports": ReportStore(folder=str(reports_dir(data_dir))),
         },
     )
 

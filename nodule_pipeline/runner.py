@@ -30,16 +30,16 @@ from nodule_pipeline.arrivals import content_fingerprint
 from nodule_pipeline.currency import ingested_fingerprint, is_current, latest_record, metadata_of
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.errors import InputDataError, check_safe_key
+from nodule_pipeline.hashing.report import REPORT_JSON
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.resources import ScanSource, remember_lidc_root
-from nodule_pipeline.storage import artefact_folder, artefacts_dir, owner_died, owner_tag
+from nodule_pipeline.storage import artefact_folder, artefacts_dir, owner_died, owner_tag, reports_dir
 
 PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
 """Runs print only the assets' own messages (epochs, warnings), not Dagster's event stream."""
 LIBRARY_ASSET_NAMES = ("roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
 INGESTION_ASSET_NAMES = ("lidc_scan", "lung_mask", "nodule_rois")
 INSTANCE_YAML = "telemetry:\n  enabled: false\n"
-REPORT_FILE = Path("reports") / "evaluation.json"
 RUNNER_TAG = "nodule_pipeline/runner"
 """Host and pid of the runner process that executes a run in-process (see :func:`close_orphaned_runs`)."""
 
@@ -143,7 +143,7 @@ def library_is_current(
         return False
     for name in names:
         stored = (
-            data_dir / REPORT_FILE
+            reports_dir(data_dir) / REPORT_JSON
             if name == "retrieval_evaluation"
             else artefact_folder(artefacts_dir(data_dir), [name])
         )

@@ -182,6 +182,10 @@ def artefacts_dir(data_dir: Path) -> Path:
     return data_dir / "artefacts"
 
 
+def reports_dir(data_dir: Path) -> Path:
+    return data_dir / "reports"
+
+
 def model_version_folder(base_dir: Path, model_version: str) -> Path:
     """Every trained model is also kept under its version, so an index can always be searched
     with the exact model that encoded it, even after a retrain that failed its checks."""

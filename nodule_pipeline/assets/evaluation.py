@@ -10,7 +10,7 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from nodule_pipeline.assets.refresh import AFTER_RETRAIN
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.evaluation import EvaluationConfig, NotEnoughData, evaluate
-from nodule_pipeline.hashing.report import render_markdown, write_report
+from nodule_pipeline.hashing.report import REPORT_JSON, render_markdown, write_report
 from nodule_pipeline.pictures import markdown_image
 from nodule_pipeline.resources import ReportStore
 from nodule_pipeline.roi_table import table_fingerprint
@@ -46,7 +46,7 @@ def retrieval_evaluation(
     except NotEnoughData as reason:
         context.log.warning(f"no evaluation: {reason}")
         payload = json.dumps({"skipped": str(reason), "model_version": hash_model.model_version})
-        atomic_write(Path(reports.folder) / "evaluation.json", lambda tmp: tmp.write_text(payload))
+        atomic_write(Path(reports.folder) / REPORT_JSON, lambda tmp: tmp.write_text(payload))
         return MaterializeResult(
             metadata={"skipped": str(reason), "model_version": hash_model.model_version, "profile": config.profile}
         )

@@ -18,6 +18,8 @@ from nodule_pipeline.storage import atomic_write
 
 OURS = "Ours (hierarchical)"
 EXAMPLE_QUERIES = 4
+REPORT_JSON = "evaluation.json"
+"""The machine-readable report in the reports folder (what a rerun checks is still there)."""
 
 
 def _pct(value: Any) -> str:
@@ -148,7 +150,7 @@ def examples_figure(evaluation: Evaluation) -> bytes:
 def write_report(evaluation: Evaluation, out_dir: Path) -> dict[str, Path]:
     """Write JSON, markdown and figures into ``out_dir`` (each file atomically)."""
     files = {
-        "json": out_dir / "evaluation.json",
+        "json": out_dir / REPORT_JSON,
         "markdown": out_dir / "evaluation.md",
         "map_at_k": out_dir / "map_at_k.png",
         "examples": out_dir / "examples.png",
