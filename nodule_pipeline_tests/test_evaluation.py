@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from nodule_pipeline.cli import main
-from nodule_pipeline.hashing.evaluation import EvaluationConfig, NotEnoughData, evaluate, rank_by_hamming
+from nodule_pipeline.hashing.evaluation import EvaluationConfig, NotEnoughData, evaluate
+from nodule_pipeline.hashing.search import rank_by_hamming, stable_keys
 from nodule_pipeline.roi_table import write_roi_table
 
 METHOD_FIELDS = {"map_at_k", "p_at_10", "precision_at_10", "recall_at_10", "f1_at_10"}
@@ -88,10 +89,13 @@ def test_report_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "| Ours (hierarchical) |" in (out / "evaluation.md").read_text()
 
 
-def test_rank_by_hamming_keeps_database_order_on_ties() -> None:
+def test_rank_by_hamming_settles_ties_by_nodule_id_not_row() -> None:
     database = np.array([[1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]], dtype=bool)
+    items = pd.DataFrame({"nodule_id": ["n-c", "n-b", "n-a"]})
     query = np.zeros((1, 8), dtype=bool)
-    assert rank_by_hamming(query, database, 5).tolist() == [[1, 0, 2, -1, -1]]
+    assert rank_by_hamming(query, database, stable_keys(items), 5).tolist() == [[1, 2, 0, -1, -1]]
+    reversed_rows = rank_by_hamming(query, database[::-1], stable_keys(items.iloc[::-1]), 5)
+    assert items["nodule_id"].to_numpy()[::-1][reversed_rows[0, :3]].tolist() == ["n-b", "n-a", "n-c"]
 
 
 def test_a_table_without_both_classes_in_training_is_refused() -> None:

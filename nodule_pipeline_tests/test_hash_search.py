@@ -67,8 +67,10 @@ def _ref_hamming(query_bits: np.ndarray, codes_bits: np.ndarray) -> np.ndarray:
 
 
 def _ref_search(index, codes_bits, q_bits, q_fc, q_class, k, mode, pool_factor=2, exclude_patient=None):
-    """Filter by class, sort by (hamming, row), take the pool, sort by (euclidean, row), take k."""
+    """Filter by class; the pool is every row within the Hamming distance of the m-th nearest
+    (ties at that boundary included); sort by (distance, nodule_id, annotation_id); take k."""
     patients = index.items["patient_id"].tolist()
+    tie = list(zip(index.items["nodule_id"].astype(str), index.items["annotation_id"].astype(str)))
     rows = [r for r in range(len(index)) if patients[r] != exclude_patient]
     fallback = False
     if mode == "hierarchical":
@@ -76,14 +78,15 @@ def _ref_search(index, codes_bits, q_bits, q_fc, q_class, k, mode, pool_factor=2
         fallback = not gated
         rows = gated or rows
     ham = _ref_hamming(q_bits, codes_bits).tolist()
-    by_hamming = sorted(rows, key=lambda r: (ham[r], r))
+    by_hamming = sorted(rows, key=lambda r: (ham[r], tie[r]))
     if mode == "hamming":
         top = by_hamming[:k]
         return top, [ham[r] for r in top], None, fallback
-    pool = by_hamming[: max(k, math.ceil(pool_factor * k))]
+    m = max(k, math.ceil(pool_factor * k))
+    pool = [r for r in by_hamming if ham[r] <= ham[by_hamming[min(m, len(by_hamming)) - 1]]] if by_hamming else []
     q = np.asarray(q_fc, dtype=np.float16).astype(np.float64)
     eu = {r: float(np.sqrt(((index.fc[r].astype(np.float64) - q) ** 2).sum())) for r in pool}
-    top = sorted(pool, key=lambda r: (eu[r], r))[:k]
+    top = sorted(pool, key=lambda r: (eu[r], tie[r]))[:k]
     return top, [ham[r] for r in top], [eu[r] for r in top], fallback
 
 
@@ -417,3 +420,47 @@ def test_empty_index_returns_no_hits(tmp_path) -> None:
     assert (batch.rows == -1).all() and batch.rows.shape == (2, 3)
     save_index(index, tmp_path / "empty")
     assert len(load_index(tmp_path / "empty", verify=True)) == 0
+
+
+@pytest.mark.parametrize("mode", ["hierarchical", "rerank", "hamming"])
+def test_permuting_the_database_rows_returns_the_same_nodules(mode: str) -> None:
+    """Collapsed codes (whole classes at Hamming 0) and tied features: row order must not decide."""
+    rng = np.random.default_rng(21)
+    n, bits = 800, 64
+    labels = rng.integers(0, 2, n)
+    codes = np.repeat((rng.random((2, bits)) < 0.5), n, axis=0)[labels * n + np.arange(n)]  # one code per class
+    codes[: n // 4] ^= rng.random((n // 4, bits)) < 2 / bits  # a quarter a bit or two away
+    fc = rng.integers(0, 2, (n, 3)).astype(np.float32)
+    items = _items(n, rng).sort_values("malignancy", kind="stable").reset_index(drop=True)
+    original = build_index(codes, fc, labels, items, model_version="m")
+    order = rng.permutation(n)
+    permuted = build_index(codes[order], fc[order], labels[order], items.iloc[order].reset_index(drop=True), "m")
+    queries = rng.integers(0, n, 20)
+    for q in queries:
+        q_code, q_fc, q_class = pack_codes(codes[q][None])[0], fc[q], int(labels[q])
+        for k in (1, 10, 37):
+            first = search(original, q_code, q_fc, q_class, k=k, mode=mode)
+            second = search(permuted, q_code, q_fc, q_class, k=k, mode=mode)
+            assert [h.nodule_id for h in first] == [h.nodule_id for h in second]
+            assert [h.hamming for h in first] == [h.hamming for h in second]
+    batch = [
+        search_batch(ix, pack_codes(codes[queries]), fc[queries], labels[queries], k=10, mode=mode)
+        for ix in (original, permuted)
+    ]
+    ids = [ix.items["nodule_id"].to_numpy()[b.rows] for ix, b in zip((original, permuted), batch)]
+    np.testing.assert_array_equal(ids[0], ids[1])
+
+
+def test_the_pool_holds_every_row_tied_at_its_boundary() -> None:
+    """k=2, pool 4: one row at distance 0 and 30 at distance 1. All 30 are re-ranked by fc, so the
+    row nearest in fc wins even though 26 rows of its Hamming distance precede it."""
+    n, bits = 31, 16
+    codes = np.zeros((n, bits), dtype=bool)
+    codes[1:, 0] = True
+    fc = np.full((n, 2), 5.0, dtype=np.float32)
+    fc[0] = 3.0
+    fc[30] = 0.0  # the last row of the tied group is nearest to the query in fc
+    rng = np.random.default_rng(0)
+    index = build_index(codes, fc, np.zeros(n, int), _items(n, rng), model_version="m")
+    hits = search(index, pack_codes(np.zeros((1, bits), bool))[0], np.zeros(2), 0, k=2, mode="rerank")
+    assert [h.row for h in hits] == [30, 0]

@@ -4,7 +4,7 @@ Every method sees the same split and the same ROIs: queries are the test rows, t
 the training rows, relevance is the same ground-truth label (DESIGN.md section 6). Ours is the
 paper's network with hierarchical search, over several seeds; the paper's Table 2 variants are
 configurations of the same network; shallow and deep hashing baselines rank the database by
-Hamming distance (ties by database order). Leakage: the same model trained and evaluated on the
+Hamming distance (ties by nodule id). Leakage: the same model trained and evaluated on the
 paper's random ROI split, beside the patient split.
 """
 
@@ -37,7 +37,7 @@ from nodule_pipeline.hashing.metrics import (
     retrieval_metrics,
 )
 from nodule_pipeline.hashing.network import VARIANTS, NetworkConfig
-from nodule_pipeline.hashing.search import hamming_distances_batch, search_batch
+from nodule_pipeline.hashing.search import rank_by_hamming, search_batch, stable_keys
 from nodule_pipeline.hashing.training import Encoded, TrainConfig, classification_metrics, encode, train_hash_model
 from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, assign_split, roi_images
 
@@ -103,15 +103,6 @@ def _retrieval(ranked_rows: np.ndarray, test: pd.DataFrame, train: pd.DataFrame,
     query_labels, db_labels = test["label"].to_numpy(), train["label"].to_numpy()
     relevance = ranked_relevance(query_labels, db_labels, ranked_rows)
     return retrieval_metrics(relevance, relevant_counts(query_labels, db_labels), ks=ks)
-
-
-def rank_by_hamming(query_codes: np.ndarray, database_codes: np.ndarray, k: int) -> np.ndarray:
-    """Database rows of the k nearest codes per query; equal distances keep database order."""
-    distances = hamming_distances_batch(pack_codes(query_codes), pack_codes(database_codes))
-    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
-    if order.shape[1] < k:
-        order = np.pad(order, ((0, 0), (0, k - order.shape[1])), constant_values=-1)
-    return order
 
 
 class _Runner:
@@ -201,7 +192,9 @@ def evaluate(
         model = fit_hashing_baseline(
             name, runner.train_images, train["label"].to_numpy(), config.bits, 0, epochs=config.baseline_epochs
         )
-        ranked = rank_by_hamming(model.encode(runner.test_images), model.encode(runner.train_images), runner.k_max)
+        ranked = rank_by_hamming(
+            model.encode(runner.test_images), model.encode(runner.train_images), stable_keys(train), runner.k_max
+        )
         baselines[DISPLAY_NAMES[name]] = _retrieval(ranked, test, train, ks)
     for name in config.classifier_baselines:
         log(f"baseline {DISPLAY_NAMES[name]}")

@@ -4,7 +4,7 @@ Everything starts from a *ranked-relevance matrix*: one row per query, one colum
 (best first), ``True`` where the item at that rank shares the query's ground-truth label. The
 database of a query is the other split; the caller's ranking (``ranked_rows``, database row
 indices with ``-1`` padding where fewer items were returned) is taken as given, so ties are
-already broken (DESIGN.md: by database order) and are not this module's concern.
+already broken (DESIGN.md: by a stable key, the nodule id) and are not this module's concern.
 
 Pinned definitions, per query, for a cut-off ``k``:
 

@@ -10,8 +10,10 @@ Three modes, so the report can show what each stage adds (DESIGN section 3.3):
   When that library is empty (after exclusions) the whole database is searched instead and every
   hit carries ``class_fallback=True``.
 
-Ties are never broken at random: at every stage equal distances go to the lower database row
-(DESIGN section 6), and the candidate pool is selected exactly, ties at its boundary included.
+Results never depend on database row order (DESIGN section 6): a candidate pool holds every item
+tied at its boundary distance (so "the 2k nearest" may be more than 2k items), and final ties go
+by a stable key, the item's ``nodule_id`` (then ``annotation_id`` where the items have one), never
+by row position or at random. Permuting an index's rows therefore returns the same nodules.
 
 Speed: the Hamming stage is one numba kernel (compiled on first use, cached on disk). On first
 use an index gets a search layout cached on it: the codes as uint64 words, regrouped by label
@@ -58,6 +60,9 @@ _CHUNK_BYTES = 1 << 18  # codes per kernel block: 256 KB stays in L2 while every
 _LAYOUT_KEY = "search_layout"
 _PATIENTS_KEY = "search_patient_rows"
 _ITEMS_KEY = "search_item_columns"
+_STABLE_KEY = "search_stable_key"
+TIE_KEY_COLUMNS = ("nodule_id", "annotation_id")
+"""The item columns that settle equal distances, in order (those an index's items have)."""
 _layout_lock = threading.Lock()
 
 
@@ -393,19 +398,81 @@ def _patient_rows(index: HashIndex) -> _PatientRows:
     return cached
 
 
+def stable_keys(items: pd.DataFrame) -> np.ndarray:
+    """Each row's rank (int64) in the order of :data:`TIE_KEY_COLUMNS`: what settles equal distances.
+
+    Rows equal in every key column (the same annotation listed twice) keep their relative row
+    order, but they name the same nodule, so the nodules a search returns never depend on it.
+    """
+    columns = [c for c in TIE_KEY_COLUMNS if c in items.columns]
+    if not columns or not len(items):
+        return np.arange(len(items), dtype=np.int64)
+    # lexsort's last key is the primary one; factorize(sort=True) gives each string its sorted rank
+    codes = [pd.factorize(items[c].astype(str).to_numpy(), sort=True)[0] for c in reversed(columns)]
+    order = np.lexsort(codes)
+    ranks = np.empty(len(items), dtype=np.int64)
+    ranks[order] = np.arange(len(items))
+    return ranks
+
+
+def _stable_keys(index: HashIndex) -> np.ndarray:
+    keys = index._cache.get(_STABLE_KEY)
+    if keys is None:
+        keys = index._cache[_STABLE_KEY] = stable_keys(index.items)
+    return keys
+
+
+def rank_by_hamming(query_codes: np.ndarray, database_codes: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Database rows of the k nearest codes per query (boolean codes (q, bits) and (n, bits)),
+    equal distances settled by ``keys`` (see :func:`stable_keys`): the flat Hamming ranking that
+    shallow and deep hashing baselines are scored with, padded with -1 to k columns."""
+    distances = hamming_distances_batch(pack_codes(query_codes), pack_codes(database_codes))
+    keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), distances.shape)
+    order = np.lexsort((keys, distances), axis=1)[:, :k]
+    if order.shape[1] < k:
+        order = np.pad(order, ((0, 0), (0, k - order.shape[1])), constant_values=-1)
+    return order
+
+
 # --------------------------------------------------------------------------- exact top-m selection
 
 
 def _hamming_pools(
     layout: _Layout, qwords: np.ndarray, spaces: Sequence[int | None], excluded: Sequence[np.ndarray], m: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact m nearest rows by (Hamming, row) for each query (words (q, width)), sorted.
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query (words (q, width)): the rows within the Hamming distance of its m-th nearest, every
+    row tied at that boundary included, and their distances (unsorted beyond that guarantee).
 
     ``spaces[i]`` is the class library query i searches (its label), or None for the whole
-    database: one run per class, as rows ascend with positions only within a class;
-    ``excluded[i]`` holds the sorted positions it must skip. Returns rows and distances (q, m),
-    valid up to the per-query counts (q,), padded with -1.
+    database; ``excluded[i]`` holds the sorted positions it must skip. The kernel returns the
+    exact top m' by (distance, row); when its last row is still at the m-th distance more rows
+    may tie there, so that query is asked again with m' doubled.
     """
+    pools: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(spaces)
+    pending = list(range(len(spaces)))
+    wanted = m + max(8, m // 2)
+    while pending:
+        rows, dist, counts = _top_rows(
+            layout, qwords[pending], [spaces[i] for i in pending], [excluded[i] for i in pending], wanted
+        )
+        again = []
+        for j, i in enumerate(pending):
+            count = int(counts[j])
+            if count == wanted and dist[j, count - 1] == dist[j, m - 1]:
+                again.append(i)  # the boundary distance may hold more rows than were returned
+                continue
+            bound = dist[j, min(m, count) - 1] if count else -1
+            keep = dist[j, :count] <= bound
+            pools[i] = (rows[j, :count][keep], dist[j, :count][keep])
+        pending, wanted = again, 2 * wanted
+    return pools  # type: ignore[return-value]
+
+
+def _top_rows(
+    layout: _Layout, qwords: np.ndarray, spaces: Sequence[int | None], excluded: Sequence[np.ndarray], m: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact m nearest rows by (Hamming, row) for each query (words (q, width)), sorted: rows and
+    distances (q, m), valid up to the per-query counts (q,), padded with -1 (see ``_topk_kernel``)."""
     if len(spaces) == 1 and not len(excluded[0]):  # the common single query: its plan is cached
         plan = layout.plans.get(spaces[0])
         if plan is None:
@@ -554,7 +621,8 @@ def _search_many(
     excluded: Sequence[np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
     """Top k of q queries (best first): rows (q, k), Hamming (q, k), Euclidean (q, k) or None,
-    the number of hits per query (q,) and the class-fallback flags (q,). Padding is -1 / NaN."""
+    the number of hits per query (q,) and the class-fallback flags (q,). Padding is -1 / NaN.
+    The Hamming pool holds every row tied at its boundary; final ties go by the stable key."""
     nq = qwords.shape[0]
     m = k if mode == "hamming" else max(k, math.ceil(pool_factor * k))
     fallback = np.zeros(nq, dtype=bool)
@@ -573,21 +641,23 @@ def _search_many(
             else:
                 fallback[i] = True
     positions = [layout.positions(labels, ex) if len(ex) else ex for ex in excluded]
-    rows, ham, counts = _hamming_pools(layout, qwords, spaces, positions, m)
-    if mode == "hamming":
-        return rows, ham, None, counts, fallback
-    assert query_fc32 is not None
+    pools = _hamming_pools(layout, qwords, spaces, positions, m)
+    keys = _stable_keys(index)
     out_rows = np.full((nq, k), -1, dtype=np.int64)
     out_ham = np.full((nq, k), -1, dtype=np.int64)
-    out_eu = np.full((nq, k), np.nan, dtype=np.float32)
-    for i in range(nq):
-        pool = rows[i, : counts[i]]
-        eu = _euclidean(index, pool, query_fc32[i])
-        order = np.lexsort((pool, eu))[:k]
+    out_eu = None if mode == "hamming" else np.full((nq, k), np.nan, dtype=np.float32)
+    counts = np.zeros(nq, dtype=np.int64)
+    for i, (pool, ham) in enumerate(pools):
+        if out_eu is None:
+            order = np.lexsort((keys[pool], ham))[:k]
+        else:
+            eu = _euclidean(index, pool, query_fc32[i])  # type: ignore[index]
+            order = np.lexsort((keys[pool], eu))[:k]
+            out_eu[i, : len(order)] = eu[order]
         out_rows[i, : len(order)] = pool[order]
-        out_ham[i, : len(order)] = ham[i, order]
-        out_eu[i, : len(order)] = eu[order]
-    return out_rows, out_ham, out_eu, np.minimum(counts, k), fallback
+        out_ham[i, : len(order)] = ham[order]
+        counts[i] = len(order)
+    return out_rows, out_ham, out_eu, counts, fallback
 
 
 def _item_columns(index: HashIndex) -> dict[str, Any]:
