@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from nodule_pipeline.hashing.training import EpochStats
 
 LUNG_WINDOW = (-600.0, 1500.0)
 LABEL_COLOURS = {0: (60, 180, 75), 1: (230, 25, 75)}
@@ -84,20 +89,26 @@ def search_results(
     return to_png(canvas)
 
 
-def training_curves(epochs: list[int], losses: list[float], accuracies: list[float], title: str) -> bytes:
-    """Loss and accuracy per epoch as one small chart."""
+def training_curves(history: Sequence[EpochStats], selected_epoch: int, title: str) -> bytes:
+    """Cross-entropy and accuracy per epoch, training (solid) and validation (dashed) when there is
+    one, with the epoch whose weights were kept marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    epochs = [h.epoch for h in history]
     figure, loss_axis = plt.subplots(figsize=(5, 3), dpi=80)
-    loss_axis.plot(epochs, losses, color="tab:red", marker="o", markersize=3, label="loss")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("training loss", color="tab:red")
     accuracy_axis = loss_axis.twinx()
-    accuracy_axis.plot(epochs, accuracies, color="tab:blue", marker="o", markersize=3, label="accuracy")
-    accuracy_axis.set_ylabel("training accuracy", color="tab:blue")
+    loss_axis.plot(epochs, [h.loss for h in history], color="tab:red", marker="o", markersize=2)
+    accuracy_axis.plot(epochs, [h.accuracy for h in history], color="tab:blue", marker="o", markersize=2)
+    if history and history[0].val_loss is not None:
+        loss_axis.plot(epochs, [h.val_loss for h in history], color="tab:red", linestyle="--")
+        accuracy_axis.plot(epochs, [h.val_accuracy for h in history], color="tab:blue", linestyle="--")
+    loss_axis.axvline(selected_epoch, color="grey", linewidth=1, linestyle=":")
+    loss_axis.set_xlabel(f"epoch (kept: {selected_epoch}; dashed: validation)")
+    loss_axis.set_ylabel("cross-entropy", color="tab:red")
+    accuracy_axis.set_ylabel("accuracy", color="tab:blue")
     accuracy_axis.set_ylim(0, 1)
     loss_axis.set_title(title)
     figure.tight_layout()

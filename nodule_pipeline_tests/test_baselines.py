@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from nodule_pipeline.hashing.baselines import (
     CLASSIFIER_BASELINES,
@@ -12,7 +11,6 @@ from nodule_pipeline.hashing.baselines import (
     DISPLAY_NAMES,
     HASHING_BASELINES,
     SUPERVISED_HASHING,
-    dpsh,
     features,
     fit_classifier_baseline,
     fit_hashing_baseline,
@@ -224,13 +222,3 @@ def test_svm_newton_solution_meets_the_optimality_conditions():
     f = k @ beta + bias
     np.testing.assert_allclose(beta, 2 * 2.0 * y * np.maximum(0.0, 1.0 - y * f), atol=1e-8)
     assert abs(beta.sum()) < 1e-8
-
-
-def test_dpsh_likelihood_matches_the_formula():
-    rng = np.random.default_rng(0)
-    u = torch.from_numpy(rng.standard_normal((4, 8)) * 3)
-    memory = torch.from_numpy(rng.standard_normal((6, 8)) * 3)
-    same = torch.from_numpy((rng.random((4, 6)) < 0.5).astype(np.float64))
-    theta = 0.5 * u.numpy() @ memory.numpy().T
-    expected = np.mean(np.log1p(np.exp(theta)) - same.numpy() * theta)
-    assert float(dpsh.pairwise_likelihood_loss(u, memory, same)) == pytest.approx(expected, rel=1e-10)

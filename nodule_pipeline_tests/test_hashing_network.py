@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nodule_pipeline.hashing.codes import pack_codes, unpack_codes
+from nodule_pipeline.hashing.codes import code_health, pack_codes, unpack_codes
 from nodule_pipeline.hashing.network import (
     ALLOWED_BITS,
     HU_WINDOW,
@@ -32,7 +32,7 @@ from nodule_pipeline.hashing.training import (
 
 SMALL = {"lstm_hidden": 16, "attention_dim": 16, "fc_dim": 64, "cnn_channels": (8, 16, 16, 16, 16), "dropout": 0.2}
 # One thread: on a busy 2-core machine two OpenMP threads can run 100x slower on these tiny ops.
-FAST = {"epochs": 10, "num_threads": 1, "seed": 0}
+FAST = {"epochs": 20, "num_threads": 1, "seed": 0}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,9 +93,10 @@ def test_every_hash_size(bits: int) -> None:
     assert out.logits.shape == (2, 2)
 
 
-def test_paper_size_default_forward() -> None:
-    config = NetworkConfig()
+def test_paper_size_forward() -> None:
+    config = NetworkConfig.paper()
     assert (config.bits, config.lstm_hidden, config.attention_dim, config.variant) == (256, 768, 768, "ours")
+    assert NetworkConfig().variant == "ours"  # the default keeps the paper's architecture, narrower
     net = HashNet(config).eval()
     assert net.lstm.hidden_size == 768 and net.lstm.bidirectional  # 1536 BiLSTM neurons (Table 1)
     with torch.inference_mode():
@@ -246,7 +247,7 @@ def test_tampered_weights_are_refused(tmp_path, trained) -> None:
 
 
 def test_non_hu_inputs_train_and_encode() -> None:
-    images, labels, patients = make_rois(n_patients=8, per_patient=5, seed=3)
+    images, labels, patients = make_rois(n_patients=20, per_patient=3, seed=3)
     unit = (images - images.min()) / (images.max() - images.min())  # 0..1 floats
     model = train_hash_model(
         unit,
@@ -263,10 +264,18 @@ def test_non_hu_inputs_train_and_encode() -> None:
 
 
 def test_validation_is_carved_by_patient() -> None:
-    _, labels, patients = make_rois(n_patients=20, per_patient=3)
+    _, labels, patients = make_rois(n_patients=30, per_patient=3)
     held = validation_patients(patients, labels, 0.2, np.random.default_rng(0))
     assert not set(patients[held]) & set(patients[~held])
-    assert len(set(patients[held])) == 4 and set(labels[held]) == {0, 1}
+    assert len(set(patients[held])) == 6 and set(labels[held]) == {0, 1}
+
+
+def test_too_few_patients_for_a_validation_split_train_on_all() -> None:
+    images, labels, patients = make_rois(n_patients=12, per_patient=2)
+    assert not validation_patients(patients, labels, 0.2, np.random.default_rng(0)).any()  # 2.4 < 5 patients
+    config = TrainConfig(epochs=2, num_threads=1, validation_fraction=0.2, batch_size=8)
+    model = train_hash_model(images, labels, patients, NetworkConfig(bits=32, **SMALL), config)
+    assert all(e.val_loss is None for e in model.history) and model.selected_epoch == 2
 
 
 def test_progress_is_reported_each_epoch() -> None:
@@ -305,3 +314,27 @@ def test_classification_metrics_are_exact() -> None:
     assert (metrics["tp"], metrics["fp"], metrics["fn"], metrics["tn"]) == (2, 1, 1, 3)
     none_predicted = classification_metrics(np.array([1, 0]), np.array([0, 0]))
     assert none_predicted["precision"] == 0.0 and none_predicted["f1"] == 0.0
+
+
+def test_code_health_matches_pairwise_counts() -> None:
+    rng = np.random.default_rng(4)
+    codes = rng.random((60, 16)) < 0.3
+    codes[:, 3] = True  # a constant bit
+    codes[10:20] = codes[9]  # duplicates
+    labels = rng.integers(0, 3, 60)
+    health = code_health(codes, labels)
+    distances = (codes[:, None, :] != codes[None, :, :]).sum(-1)
+    pairs = ~np.eye(60, dtype=bool)
+    same = (labels[:, None] == labels[None, :]) & pairs
+    other = labels[:, None] != labels[None, :]
+    assert health["intra_class_hamming"] == pytest.approx(distances[same].mean())
+    assert health["inter_class_hamming"] == pytest.approx(distances[other].mean())
+    assert health["distinct_codes"] == len({tuple(c) for c in codes})
+    assert health["constant_bits"] == 1 and health["items"] == 60 and health["bits"] == 16
+    share = codes.mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = np.nan_to_num(-(share * np.log2(share) + (1 - share) * np.log2(1 - share)))
+    assert health["mean_bit_entropy"] == pytest.approx(entropy.mean())
+    collapsed = code_health(np.repeat(codes[:1], 5, axis=0), np.zeros(5))
+    assert collapsed["distinct_codes"] == 1 and collapsed["constant_bits"] == 16
+    assert collapsed["mean_bit_entropy"] == 0.0 and collapsed["inter_class_hamming"] is None

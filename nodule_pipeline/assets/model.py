@@ -19,6 +19,7 @@ from dagster import (
 
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.card import ModelArtefact, library_versions, weights_fingerprint
+from nodule_pipeline.hashing.codes import code_health
 from nodule_pipeline.hashing.network import NetworkConfig
 from nodule_pipeline.hashing.training import (
     EpochStats,
@@ -32,23 +33,43 @@ from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, roi_images, tab
 
 
 class TrainingConfig(Config):
-    """The paper's settings by default: 256 bits, Adam, batch 32, 25 epochs, L2 0.01.
-    ``validation_fraction`` carves validation patients out of the training split, never the test split.
-    ``accuracy_floor``: the least test-split accuracy a model needs to reach the index (a blocking
-    check; 0 turns the gate off, for data sets too small to measure)."""
+    """``recipe``: ``default`` (chosen on real LIDC nodules: cross-entropy plus the DPSH pairwise,
+    quantization, bit-balance and decorrelation terms, augmentation, a one-cycle schedule,
+    validation patients carved out of the training split for model selection and early
+    stopping) or ``paper`` (cross-entropy only, as Hao et al. trained). Every other field left
+    empty takes the recipe's value; see ``nodule_pipeline.hashing.training.TrainConfig``.
+    ``accuracy_floor``: the least test-split accuracy a model needs to reach the index (a
+    blocking check; 0 turns the gate off, for data sets too small to measure)."""
 
+    recipe: Literal["default", "paper"] = "default"
     bits: int = 256
     variant: Literal[
         "ours", "cnn", "bilstm", "cnn_am", "bilstm_am", "serial_bilstm_cnn", "serial_cnn_bilstm", "parallel"
     ] = "ours"
-    epochs: int = 25
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    l2: float = 0.01
+    lstm_hidden: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    l2: float | None = None
+    augment: bool | None = None
+    pairwise_weight: float | None = None
+    quantization_weight: float | None = None
+    balance_weight: float | None = None
+    decorrelation_weight: float | None = None
+    validation_fraction: float | None = None
+    early_stopping_patience: int | None = None
     seed: int = 0
     device: str = "auto"
-    validation_fraction: float = 0.0
     accuracy_floor: float = 0.7
+
+    def network(self) -> NetworkConfig:
+        if self.lstm_hidden is None:
+            return NetworkConfig(bits=self.bits, variant=self.variant)
+        return NetworkConfig(self.bits, self.variant, lstm_hidden=self.lstm_hidden, attention_dim=self.lstm_hidden)
+
+    def training(self) -> TrainConfig:
+        recipe_fields = set(TrainConfig.__dataclass_fields__) & set(type(self).model_fields)
+        return TrainConfig.recipe(self.recipe, **{name: getattr(self, name) for name in sorted(recipe_fields)})
 
 
 def upstream_metadata(context: AssetExecutionContext, asset: str, key: str) -> object:
@@ -76,16 +97,8 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
         raise InputDataError(f"the training split has {len(train)} ROIs; at least 2 are needed")
     if train["label"].nunique() < 2:
         context.log.warning(f"the training split holds one class only {train['label'].value_counts().to_dict()}")
-    network = NetworkConfig(bits=config.bits, variant=config.variant)
-    settings = TrainConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        l2=config.l2,
-        seed=config.seed,
-        device=config.device,
-        validation_fraction=config.validation_fraction,
-    )
+    network = config.network()
+    settings = config.training()
 
     def progress(stats: EpochStats) -> None:
         validation = f", val acc {stats.val_accuracy:.3f}" if stats.val_accuracy is not None else ""
@@ -101,6 +114,7 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
     metrics = (
         classification_metrics(test["label"].to_numpy(), encode(model, roi_images(test)).predicted) if len(test) else {}
     )
+    health = code_health(encode(model, roi_images(train)).codes, train["label"].to_numpy())
     version = weights_fingerprint(model.module)
     card = {
         "model_version": version,
@@ -113,19 +127,18 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
             "test_patients": sorted(test["patient_id"].unique().tolist()),
         },
         "test_metrics": metrics,
+        "code_health": health,
+        "network": network.to_dict(),
+        "training": settings.to_dict(),
+        "selected_epoch": model.selected_epoch,
+        "epochs_run": len(model.history),
         "device": model.device,
         "seconds": round(time.perf_counter() - started, 1),
         "images_per_s": round(model.images_per_s, 1),
         "libraries": library_versions(),
     }
     size_mb = sum(p.numel() * p.element_size() for p in model.module.parameters()) / 2**20
-    history = model.history
-    curve = training_curves(
-        [h.epoch for h in history],
-        [h.loss for h in history],
-        [h.accuracy for h in history],
-        f"{config.variant}, {config.bits} bits",
-    )
+    curve = training_curves(model.history, model.selected_epoch, f"{config.variant}, {config.bits} bits")
     yield Output(
         ModelArtefact(model, card),
         data_version=DataVersion(version),
@@ -139,6 +152,8 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
             "images_per_s": card["images_per_s"],
             "seconds": card["seconds"],
             "model_size_mb": round(size_mb, 2),
+            "selected_epoch": model.selected_epoch,
+            **{f"codes_{name}": value for name, value in health.items() if value is not None},
             "curves": MetadataValue.md(markdown_image(curve, "loss and accuracy per epoch")),
             "card": MetadataValue.json(card),
             "config": MetadataValue.json(config.model_dump()),

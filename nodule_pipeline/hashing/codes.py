@@ -37,3 +37,45 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     if packed.shape[1] != bits // 8:
         raise ValueError(f"packed codes have {packed.shape[1]} bytes per row, {bits} bits need {bits // 8}")
     return np.unpackbits(packed, axis=1, count=bits, bitorder="big").astype(bool)
+
+
+def code_health(codes: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
+    """How much a set of codes (n, bits) can rank: the signs of collapse, exactly, in O(n bits).
+
+    ``distinct_codes``; ``mean_bit_entropy`` (bits, 1 = every bit splits the items in half);
+    ``constant_bits`` (the same in every item: they rank nothing); ``intra_class_hamming`` and
+    ``inter_class_hamming``, the mean distance over pairs of distinct items with the same and
+    with different labels (None without such pairs). A pair differs in bit b when one item has
+    it and the other not, so over a group of m items with c ones in bit b, c (m - c) pairs differ:
+    no pairwise distances are needed.
+    """
+    codes = np.asarray(codes).astype(bool)
+    labels = np.asarray(labels)
+    if codes.ndim != 2 or len(codes) != len(labels):
+        raise ValueError(f"codes {codes.shape} and labels {labels.shape} must be (n, bits) and (n,)")
+    n = len(codes)
+    ones = codes.sum(axis=0, dtype=np.int64)
+    share = ones / max(n, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -(share * np.log2(share) + (1 - share) * np.log2(1 - share))
+    entropy = np.nan_to_num(entropy, nan=0.0)
+    classes = np.unique(labels)
+    sizes = {c: int((labels == c).sum()) for c in classes}
+    class_ones = {c: codes[labels == c].sum(axis=0, dtype=np.int64) for c in classes}
+    intra_pairs = sum(m * (m - 1) // 2 for m in sizes.values())
+    intra_sum = sum(float((class_ones[c] * (sizes[c] - class_ones[c])).sum()) for c in classes)
+    inter_pairs, inter_sum = 0, 0.0
+    for i, a in enumerate(classes):
+        for b in classes[i + 1 :]:
+            inter_pairs += sizes[a] * sizes[b]
+            differ = class_ones[a] * (sizes[b] - class_ones[b]) + (sizes[a] - class_ones[a]) * class_ones[b]
+            inter_sum += float(differ.sum())
+    return {
+        "items": n,
+        "bits": codes.shape[1],
+        "distinct_codes": len(np.unique(pack_codes(codes), axis=0)) if n else 0,
+        "mean_bit_entropy": float(entropy.mean()) if codes.shape[1] else 0.0,
+        "constant_bits": int(((ones == 0) | (ones == n)).sum()),
+        "intra_class_hamming": intra_sum / intra_pairs if intra_pairs else None,
+        "inter_class_hamming": inter_sum / inter_pairs if inter_pairs else None,
+    }

@@ -1,12 +1,16 @@
-"""Training, encoding and storing the deep hashing network (paper section 1.3.1, last paragraph).
+"""Training, encoding and storing the deep hashing network.
 
-Loss = cross-entropy on the softmax classifier + L2 (lambda 0.01, as decoupled weight decay: see
-:class:`TrainConfig`), Adam, batch 32, 25 epochs, as in the paper. Pure torch/numpy: the Dagster
-asset calls these functions.
+The paper (section 1.3.1, last paragraph) trains with cross-entropy + L2 0.01, Adam, batch 32,
+25 epochs: :meth:`TrainConfig.paper`. The default recipe, chosen on real LIDC nodules, adds the
+hashing terms of :mod:`nodule_pipeline.hashing.objective`, augmentation
+(:mod:`nodule_pipeline.hashing.augment`), a one-cycle learning-rate schedule and a validation
+split of training patients for model selection and early stopping. Pure torch/numpy: the
+Dagster asset calls these functions.
 
 Reproducibility: on the CPU the same inputs, configs and seed give bit-identical weights (torch
-RNG seeded inside a forked RNG state so the caller's is untouched, shuffles from a seeded numpy
-Generator, fixed thread count). On CUDA cuDNN kernels and mixed precision are not bit-exact.
+RNG seeded inside a forked RNG state so the caller's is untouched, shuffles and augmentation
+from seeded generators, fixed thread count). On CUDA cuDNN kernels and mixed precision are not
+bit-exact.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from nodule_pipeline.hashing.augment import augment_batch
 from nodule_pipeline.hashing.network import HashNet, NetworkConfig, NormalisationStats, normalise_rois
+from nodule_pipeline.hashing.objective import ObjectiveWeights, hashing_objective
 from nodule_pipeline.storage import reads_folder, replace_dir
 
 WEIGHTS_FILE = "weights.pt"
@@ -34,34 +41,53 @@ META_FILE = "model.json"
 FORMAT = "nodule_pipeline.hash_model/1"
 
 
+LR_SCHEDULES = ("one_cycle", "constant")
+RECIPES = ("default", "paper")
+"""``default``: the recipe chosen on real nodules; ``paper``: cross-entropy only, as Hao et al. trained."""
+MIN_VALIDATION_PATIENTS = 5
+"""Below this many validation patients (fraction x training patients) there is no validation split."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings; defaults are the paper's (Adam, lr 1e-3, batch 32, 25 epochs, L2 0.01).
+    """How the network is trained; the defaults are the recipe chosen on real LIDC nodules.
 
-    ``l2`` is the paper's L2 penalty lambda (0.01). It covers weight matrices and conv kernels
-    only (penalising biases and BatchNorm scales only fights the normalisation).
-    ``l2_mode="decoupled"`` (default) applies it as AdamW weight decay (w -= lr * lambda * w per
-    step). ``"coupled"`` is the literal reading, ``lambda/2 * ||W||^2`` added to the loss (Adam's
-    ``weight_decay``); under Adam that drives every weight with a small data gradient towards 0 at
-    about lr per step, and in our runs it collapsed the hash layer (all h within ~0.04 of 0.5, so
-    codes are noise) and left held-out accuracy at chance; it is kept only to show that.
-    ``balance_classes`` weights the cross-entropy by inverse class frequency
-    (off by default, as in the paper; the LIDC classes are 62/38, mild).
-    ``validation_fraction`` > 0 holds out whole patients of the rows given to
-    :func:`train_hash_model` (pass training rows only: the test split must never be touched).
-    ``mixed_precision`` applies on CUDA only (autocast float16 + GradScaler); the CPU runs float32.
-    ``device``: "auto" picks CUDA when present, else CPU; or any torch device string.
+    Objective (see :mod:`nodule_pipeline.hashing.objective`): cross-entropy on the classifier plus
+    ``pairwise_weight`` x DPSH likelihood, ``quantization_weight`` x quantization,
+    ``balance_weight`` x bit balance and ``decorrelation_weight`` x decorrelation. The paper's
+    objective is cross-entropy alone (:meth:`paper`).
+
+    Recipe: AdamW (``l2`` = the paper's lambda 0.01 as decoupled weight decay on weight matrices
+    and kernels; ``l2_mode="coupled"`` adds ``lambda/2 ||W||^2`` to the loss instead, which in our
+    runs collapsed the hash layer and is kept only to show that), ``lr_schedule="one_cycle"``
+    (warm-up over the first 15% of the steps, then cosine decay to ~0), on-the-fly augmentation
+    (``augment``: the 8 flips/rotations of the square; ``shift_pixels``; ``hu_jitter``: standard
+    deviation of a per-ROI offset in HU, in raw units for non-HU tables), and a validation split of
+    ``validation_fraction`` of the training *patients* (never the test split): the epoch with the
+    lowest validation loss is the model kept, and training stops after
+    ``early_stopping_patience`` epochs without improvement (0: never early).
+    ``balance_classes`` weights the cross-entropy by inverse class frequency.
+    ``mixed_precision`` applies on CUDA only; ``device`` "auto" picks CUDA when present.
     """
 
-    epochs: int = 25
+    epochs: int = 40
     batch_size: int = 32
     learning_rate: float = 1e-3
+    lr_schedule: str = "one_cycle"
     l2: float = 0.01
     l2_mode: str = "decoupled"
+    augment: bool = True
+    shift_pixels: int = 2
+    hu_jitter: float = 0.0
+    pairwise_weight: float = 1.0
+    quantization_weight: float = 0.1
+    balance_weight: float = 1.0
+    decorrelation_weight: float = 1.0
+    validation_fraction: float = 0.1
+    early_stopping_patience: int = 10
     seed: int = 0
     device: str = "auto"
     mixed_precision: bool = True
-    validation_fraction: float = 0.0
     num_threads: int | None = None
     balance_classes: bool = False
 
@@ -72,31 +98,76 @@ class TrainConfig:
             raise ValueError(f"batch_size must be at least 2 (BatchNorm), got {self.batch_size}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {self.l2}")
         if self.l2_mode not in ("decoupled", "coupled"):
             raise ValueError(f"l2_mode must be 'decoupled' or 'coupled', got {self.l2_mode!r}")
+        if not 0 <= self.shift_pixels <= 8:
+            raise ValueError(f"shift_pixels must be in 0..8, got {self.shift_pixels}")
+        for name in ("hu_jitter", "pairwise_weight", "quantization_weight", "balance_weight", "decorrelation_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be positive or None, got {self.num_threads}")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> TrainConfig:
+        """The paper's recipe: cross-entropy only (+ L2 0.01), Adam at a constant 1e-3, batch 32,
+        25 epochs, no augmentation, no validation; the last epoch is the model."""
+        paper = cls(
+            epochs=25,
+            lr_schedule="constant",
+            augment=False,
+            shift_pixels=0,
+            pairwise_weight=0.0,
+            quantization_weight=0.0,
+            balance_weight=0.0,
+            decorrelation_weight=0.0,
+            validation_fraction=0.0,
+            early_stopping_patience=0,
+        )
+        return replace(paper, **overrides)
+
+    @classmethod
+    def recipe(cls, name: str, **overrides: Any) -> TrainConfig:
+        """A named recipe (:data:`RECIPES`) with the overrides that are not None (asset and CLI options)."""
+        if name not in RECIPES:
+            raise ValueError(f"unknown training recipe {name!r}; use one of {RECIPES}")
+        base = cls() if name == "default" else cls.paper()
+        return replace(base, **{key: value for key, value in overrides.items() if value is not None})
+
+    @property
+    def objective(self) -> ObjectiveWeights:
+        return ObjectiveWeights(
+            1.0, self.pairwise_weight, self.quantization_weight, self.balance_weight, self.decorrelation_weight
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config from its dict. A field the dict lacks was added after it was written, when
+        every model trained with the paper's recipe, so it takes the paper's value: an old card
+        reads as what it trained with, not as today's defaults."""
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}")
-        return cls(**data)
+        return cls(**{**asdict(cls.paper()), **data})
 
 
 @dataclass(frozen=True)
 class EpochStats:
-    """One epoch: mean training loss (cross-entropy, without the L2 term, so it compares with
-    ``val_loss``), running training accuracy (dropout on), validation figures (None without
-    validation), wall seconds of the training pass and its throughput."""
+    """One epoch: mean training cross-entropy (``loss``: without the hashing terms and the L2
+    term, so it compares with ``val_loss``) and the whole weighted objective, running training
+    accuracy (dropout and augmentation on), validation figures (None without validation), wall
+    seconds of the training pass and its throughput."""
 
     epoch: int
     loss: float
@@ -105,6 +176,7 @@ class EpochStats:
     val_accuracy: float | None
     seconds: float
     images_per_s: float
+    objective: float | None = None  # the whole weighted objective (None in cards written before it existed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +194,7 @@ class TrainedModel:
     device: str = "cpu"
     seconds: float = 0.0
     images_per_s: float = 0.0
+    selected_epoch: int = 0  # the epoch whose weights these are (the best on validation, else the last)
 
 
 @dataclass(frozen=True)
@@ -157,18 +230,21 @@ def torch_threads(count: int | None) -> Iterator[None]:
 def validation_patients(
     patient_ids: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Boolean mask of rows held out for validation: whole patients, stratified by majority label."""
+    """Boolean mask of rows held out for validation: whole patients, stratified by majority label.
+
+    All False (train on everything, no model selection) when the fraction rounds to no patient
+    or there are fewer than :data:`MIN_VALIDATION_PATIENTS` patients: a validation set of one or
+    two patients picks epochs by noise.
+    """
     patients, inverse = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)
+    if len(patients) < MIN_VALIDATION_PATIENTS / fraction:
+        return np.zeros(len(inverse), dtype=bool)
     majority = np.rint(np.bincount(inverse, weights=labels) / np.bincount(inverse)).astype(int)
     chosen: list[int] = []
     for stratum in np.unique(majority):
         members = np.flatnonzero(majority == stratum)
         members = members[rng.permutation(len(members))]
         chosen.extend(members[: round(fraction * len(members))].tolist())
-    if not chosen or len(chosen) == len(patients):
-        raise ValueError(
-            f"validation_fraction {fraction} leaves no patients on one side ({len(patients)} training patients)"
-        )
     return np.isin(inverse, chosen)
 
 
@@ -214,6 +290,23 @@ def _check_inputs(images: np.ndarray, labels: np.ndarray, patient_ids: np.ndarra
     return labels.astype(np.int64)
 
 
+def _make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if config.lr_schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
+    )
+
+
+def _batch_bounds(n: int, batch_size: int) -> list[int]:
+    bounds = [*range(0, n, batch_size), n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]  # BatchNorm cannot train on a batch of one: fold it into the previous batch
+    return bounds
+
+
 def train_hash_model(
     images: np.ndarray,
     labels: np.ndarray,
@@ -224,9 +317,11 @@ def train_hash_model(
 ) -> TrainedModel:
     """Train :class:`HashNet` on training-split ROIs (n, 32, 32) with labels and patient ids.
 
-    Normalisation is fitted on the rows actually trained on (validation patients excluded).
-    ``progress`` is called after every epoch (e.g. to log to Dagster). Returns the model in eval
-    mode on the CPU, whatever device trained it.
+    Validation patients are carved out of these rows (pass training rows only: the test split
+    must never be touched); normalisation is fitted on the rows actually trained on. With a
+    validation split the weights of the epoch with the lowest validation cross-entropy are
+    returned. ``progress`` is called after every epoch (e.g. to log to Dagster). Returns the model
+    in eval mode on the CPU, whatever device trained it.
     """
     network = network or NetworkConfig()
     config = config or TrainConfig()
@@ -242,9 +337,11 @@ def train_hash_model(
     device = resolve_device(config.device)
     amp = device.type == "cuda" and config.mixed_precision
     devices = [device.index or 0] if device.type == "cuda" else []
+    jitter = config.hu_jitter / (stats.high - stats.low)
 
     with torch_threads(config.num_threads), torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
+        generator = torch.Generator(device=device).manual_seed(config.seed)
         module = HashNet(network).to(device)
         module.train()
         optimizer = _make_optimizer(module, config)
@@ -262,28 +359,33 @@ def train_hash_model(
             weight = weight.to(device)
 
         history: list[EpochStats] = []
+        best: tuple[float, dict[str, torch.Tensor] | None, int] = (math.inf, None, 0)
         train_seconds = 0.0
         n = len(y)
-        bounds = [*range(0, n, config.batch_size), n]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-            del bounds[-2]  # BatchNorm cannot train on a batch of one: fold it into the previous batch
+        bounds = _batch_bounds(n, config.batch_size)
+        scheduler = _make_scheduler(optimizer, config, len(bounds) - 1)
         for epoch in range(1, config.epochs + 1):
             order = torch.from_numpy(rng.permutation(n)).to(device)
             loss_sum = torch.zeros((), device=device)
+            objective_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
             started = time.perf_counter()
             for start, stop in pairwise(bounds):
                 index = order[start:stop]
                 xb, yb = x[index], y[index]
+                xb = augment_batch(xb, generator, config.augment, config.shift_pixels, jitter)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                    logits = module(xb).logits.float()
-                loss = F.cross_entropy(logits, yb, weight=weight)
+                    out = module(xb)
+                loss, cross_entropy = hashing_objective(out.logits, out.hash_probs, yb, config.objective, weight)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                loss_sum += loss.detach() * len(index)
-                correct += (logits.detach().argmax(1) == yb).sum()
+                if scheduler is not None:
+                    scheduler.step()
+                loss_sum += cross_entropy.detach() * len(index)
+                objective_sum += loss.detach() * len(index)
+                correct += (out.logits.detach().argmax(1) == yb).sum()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - started
@@ -291,6 +393,9 @@ def train_hash_model(
             val_loss = val_accuracy = None
             if x_val is not None:
                 val_loss, val_accuracy = _evaluate(module, x_val, y_val, 256, amp, device)
+                if val_loss < best[0]:
+                    state = {key: value.detach().clone() for key, value in module.state_dict().items()}
+                    best = (val_loss, state, epoch)
             stats_epoch = EpochStats(
                 epoch=epoch,
                 loss=float(loss_sum) / n,
@@ -299,13 +404,19 @@ def train_hash_model(
                 val_accuracy=val_accuracy,
                 seconds=seconds,
                 images_per_s=n / seconds if seconds > 0 else 0.0,
+                objective=float(objective_sum) / n,
             )
             history.append(stats_epoch)
             if progress is not None:
                 progress(stats_epoch)
+            patience = config.early_stopping_patience
+            if patience and best[1] is not None and epoch - best[2] >= patience:
+                break
+        if best[1] is not None:
+            module.load_state_dict(best[1])
 
     module.to("cpu").eval()
-    total_images = n * config.epochs
+    trained_images = n * len(history)
     return TrainedModel(
         module=module,
         network=network,
@@ -314,7 +425,8 @@ def train_hash_model(
         history=history,
         device=str(device),
         seconds=train_seconds,
-        images_per_s=total_images / train_seconds if train_seconds > 0 else 0.0,
+        images_per_s=trained_images / train_seconds if train_seconds > 0 else 0.0,
+        selected_epoch=best[2] if best[1] is not None else len(history),
     )
 
 
@@ -369,6 +481,7 @@ def save_model(model: TrainedModel, folder: Path, card: dict[str, Any] | None = 
         "device": model.device,
         "seconds": model.seconds,
         "images_per_s": model.images_per_s,
+        "selected_epoch": model.selected_epoch,
         "torch_version": torch.__version__,
         "card": card or {},
     }
@@ -424,6 +537,7 @@ def load_model(folder: Path, map_location: str | torch.device = "cpu") -> Traine
         device=meta.get("device", "cpu"),
         seconds=float(meta.get("seconds", 0.0)),
         images_per_s=float(meta.get("images_per_s", 0.0)),
+        selected_epoch=int(meta.get("selected_epoch", len(history))),
     )
 
 

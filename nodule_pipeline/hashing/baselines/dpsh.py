@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from nodule_pipeline.hashing.baselines.deep import DeepHashModel, DeepHashNet, train_deep_hash
 from nodule_pipeline.hashing.baselines.features import check_bits, check_training_inputs
-
-
-def pairwise_likelihood_loss(u: torch.Tensor, memory: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-    """Mean of log(1 + e^theta) - s theta over the pairs, theta = u memory^T / 2 (softplus: stable for any theta)."""
-    theta = 0.5 * u @ memory.T
-    return (F.softplus(theta) - same * theta).mean()
+from nodule_pipeline.hashing.objective import pairwise_likelihood_loss
 
 
 def fit(
@@ -50,7 +44,7 @@ def fit(
         memory[index] = u.detach()
         same = (y_all[index, None] == y_all[None, :]).to(u.dtype)
         quantisation = (u - u.detach().sign()).pow(2).mean()
-        return pairwise_likelihood_loss(u, memory, same) + alpha * quantisation
+        return pairwise_likelihood_loss(0.5 * u @ memory.T, same) + alpha * quantisation
 
     module, stats, seconds = train_deep_hash(
         train_images,
