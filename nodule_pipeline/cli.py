@@ -52,13 +52,15 @@ def _print_summary(summary, data_dir: Path) -> None:
     if "skipped" in evaluation:
         print(f"retrieval_evaluation: skipped ({evaluation['skipped']})")
     elif evaluation:
-        inflation = evaluation.get("map_at_10_leakage_inflation")
-        leak = f", MAP@10 inflation of the paper's ROI split {inflation:+.3f}" if inflation is not None else ""
         print(
-            f"retrieval_evaluation: accuracy {evaluation['accuracy']:.3f}, P@10 {evaluation['p_at_10']:.3f}, "
-            f"MAP@10 {evaluation['map_at_10']:.3f}, nDCG@10 {evaluation['ndcg_at_10']:.3f}{leak}; "
+            f"retrieval_evaluation (model {evaluation.get('model_version')} through index "
+            f"{evaluation.get('index_version')}): accuracy {evaluation['accuracy']:.3f}, "
+            f"P@10 {evaluation['p_at_10']:.3f}, MAP@10 {evaluation['map_at_10']:.3f} "
+            f"(codes alone {evaluation.get('map_at_10_codes_alone', float('nan')):.3f}), "
+            f"nDCG@10 {evaluation['ndcg_at_10']:.3f}, {evaluation.get('distinct_codes')} distinct codes; "
             f"report {evaluation.get('report')}"
         )
+        print(f"  {evaluation.get('leakage', 'leakage not measured')}")
     for outcome in summary.failed:
         print(f"FAILED {outcome.patient_id}: {outcome.error}")
     print(f"instance and artefacts: {data_dir}  (open the UI: nodule-pipeline ui --data-dir {data_dir})")
@@ -82,7 +84,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodule_pipeline.runner import run_pipeline
 
     data_dir = Path(args.data_dir).resolve()
-    options = (("epochs", args.epochs), ("bits", args.bits), ("accuracy_floor", args.accuracy_floor))
+    options = (
+        ("epochs", args.epochs),
+        ("recipe", args.recipe),
+        ("bits", args.bits),
+        ("accuracy_floor", args.accuracy_floor),
+    )
     training = {key: value for key, value in options if value is not None}
     summary = run_pipeline(
         Path(args.lidc_root),
@@ -180,7 +187,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_evaluate_rois(args: argparse.Namespace) -> int:
     """Train, index and evaluate on any ROI table of the contract (patient-level split)."""
     from nodule_pipeline.hashing.evaluation import EvaluationConfig, evaluate
-    from nodule_pipeline.hashing.report import write_report
+    from nodule_pipeline.hashing.report import leakage_summary, write_report
     from nodule_pipeline.roi_table import assign_split, read_roi_table
 
     table = assign_split(read_roi_table(Path(args.rois)), mode="patient", seed=args.split_seed)
@@ -189,11 +196,19 @@ def cmd_evaluate_rois(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     evaluation = evaluate(table, config, log=lambda line: print(f"[{time.perf_counter() - started:6.0f} s] {line}"))
     files = write_report(evaluation, Path(args.out))
-    ours = evaluation.report["ours"]
+    report = evaluation.report
+    ours, spread = report["ours"], report["ours"]["spread"]["map_at_10"]
+    codes_alone = report["ablation"]["hamming"]["map_at_k"]["10"]
+    retrieving = {name: m["map_at_k"]["10"] for name, m in report["baselines"].items() if "map_at_k" in m}
+    best = max(retrieving, key=retrieving.get) if retrieving else None
     print(
-        f"ours: accuracy {ours['accuracy']:.4f}, P@10 {ours['p_at_10']:.4f}, MAP@10 {ours['map_at_k']['10']:.4f}, "
-        f"nDCG@10 {evaluation.report['ndcg_at_10']:.4f}"
+        f"ours (hierarchical): accuracy {ours['accuracy']:.4f}, P@10 {ours['p_at_10']:.4f}, "
+        f"MAP@10 {ours['map_at_k']['10']:.4f} (mean {spread['mean']:.4f} ± {spread['std']:.4f} over "
+        f"{len(spread['values'])} seeds), nDCG@10 {report['ndcg_at_10']:.4f}; codes alone (flat Hamming) MAP@10 "
+        f"{codes_alone:.4f}, {ours['code_health']['distinct_codes']} distinct codes"
+        + (f"; best baseline {best} MAP@10 {retrieving[best]:.4f}" if best else "")
     )
+    print(f"{leakage_summary(report.get('leakage')) or 'leakage not measured'}")
     print(f"report: {files['markdown']} ({time.perf_counter() - started:.0f} s)")
     return 0
 
@@ -249,7 +264,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="redo every patient and the library, even those current (default: only what is missing or changed)",
     )
-    parser.add_argument("--epochs", type=int, help="training epochs of hash_model (default 25, the paper's)")
+    parser.add_argument("--epochs", type=int, help="most training epochs of hash_model (default: the recipe's, 40)")
+    parser.add_argument(
+        "--recipe", choices=["default", "paper"], help="training recipe of hash_model (default: default)"
+    )
     parser.add_argument("--bits", type=int, help="hash bits (default 256, the paper's best)")
     parser.add_argument(
         "--accuracy-floor",
@@ -318,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--epochs", type=int)
     evaluate.add_argument("--seeds", type=int)
     evaluate.add_argument("--split-seed", type=int, default=0)
-    evaluate.add_argument("--quick", action="store_true", help="few epochs, two bit sizes, one seed (minutes)")
+    evaluate.add_argument(
+        "--quick", action="store_true", help="12 epochs, two bit sizes, no Table 2 variants, 3 seeds a split (minutes)"
+    )
     evaluate.set_defaults(func=cmd_evaluate_rois)
 
     bench = commands.add_parser("bench", help="ingestion, search and training benchmarks: bench.json + bench.md")

@@ -212,4 +212,10 @@ def test_a_retrain_by_hand_is_followed_by_the_index_and_the_evaluation(library: 
         asset_selection=[AssetKey("hash_model")],
     )
     assert result.success
-    assert library.automation_tick() == {"hash_index", "retrieval_evaluation"}
+    assert library.automation_tick() == {"hash_index"}  # the evaluation waits for the model's index
+    result = library.defs.resolve_job_def("reindex").execute_in_process(
+        instance=library.instance, asset_selection=[AssetKey("hash_index")]
+    )
+    assert result.success
+    assert library.automation_tick() == {"retrieval_evaluation"}
+    assert library.automation_tick() == set()

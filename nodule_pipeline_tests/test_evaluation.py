@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,22 @@ import pandas as pd
 import pytest
 
 from nodule_pipeline.cli import main
-from nodule_pipeline.hashing.evaluation import EvaluationConfig, NotEnoughData, evaluate
+from nodule_pipeline.hashing.evaluation import (
+    PAPER_OBJECTIVE,
+    PAPER_RECIPE,
+    RAW_KNN,
+    Deployed,
+    EvaluationConfig,
+    NotEnoughData,
+    evaluate,
+)
+from nodule_pipeline.hashing.index import build_index
+from nodule_pipeline.hashing.network import NetworkConfig
+from nodule_pipeline.hashing.report import write_report
 from nodule_pipeline.hashing.search import rank_by_hamming, stable_keys
-from nodule_pipeline.roi_table import write_roi_table
+from nodule_pipeline.hashing.searcher import NoduleSearcher
+from nodule_pipeline.hashing.training import TrainConfig, classification_metrics, encode, train_hash_model
+from nodule_pipeline.roi_table import assign_split, roi_images, write_roi_table
 
 METHOD_FIELDS = {"map_at_k", "p_at_10", "precision_at_10", "recall_at_10", "f1_at_10"}
 CLASSIFIER_FIELDS = {"accuracy", "recall", "f1"}
@@ -53,15 +67,19 @@ def test_report_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtu
     rois = tmp_path / "rois.parquet"
     write_roi_table(_separable_table(), rois)
     out = tmp_path / "report"
-    code = main(["evaluate-rois", str(rois), "--out", str(out), "--quick", "--epochs", "2"])
-    assert code == 0, capsys.readouterr()
+    code = main(["evaluate-rois", str(rois), "--out", str(out), "--quick", "--epochs", "20"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "codes alone (flat Hamming) MAP@10" in printed and "best baseline" in printed
     report = json.loads((out / "evaluation.json").read_text())
     for key in (
         "split_mode",
         "n_queries",
         "n_database",
         "bits",
+        "recipe",
         "ours",
+        "objectives",
         "baselines",
         "ablation",
         "leakage",
@@ -69,24 +87,96 @@ def test_report_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtu
         "bits_sweep",
     ):
         assert key in report, key
+    assert "deployed" not in report  # a table has no deployed model: ours is retrained
     assert report["split_mode"] == "patient" and report["n_queries"] + report["n_database"] == 14 * 8
-    assert METHOD_FIELDS | CLASSIFIER_FIELDS <= set(report["ours"])
+    assert report["recipe"]["epochs"] == 20 and report["recipe"]["pairwise_weight"] > 0
+    assert METHOD_FIELDS | CLASSIFIER_FIELDS | {"code_health", "ndcg_at_10"} <= set(report["ours"])
     assert set(report["ours"]["map_at_k"]) == {"5", "10", "20", "50", "100"}
-    for name in ("LSH", "SH", "ITQ", "KSH", "DLBHC", "DPSH", "CNN", "BiLSTM", "CNN+AM", "BiLSTM+AM"):
-        assert METHOD_FIELDS <= set(report["baselines"][name]), name
+    assert len(report["ours"]["spread"]["map_at_10"]["values"]) == 3
+    assert set(report["objectives"]) == {PAPER_OBJECTIVE, PAPER_RECIPE}
+    for name in ("LSH", "SH", "ITQ", "KSH", "DLBHC", "DPSH", RAW_KNN, PAPER_OBJECTIVE, PAPER_RECIPE):
+        assert METHOD_FIELDS <= set({**report["baselines"], **report["objectives"]}[name]), name
+    for name in ("LSH", "ITQ", "DPSH", PAPER_OBJECTIVE):
+        health = {**report["baselines"], **report["objectives"]}[name]["code_health"]
+        assert set(health) >= {"distinct_codes", "mean_bit_entropy", "constant_bits", "intra_class_hamming"}
     for name in ("SVM", "ELM"):
         assert CLASSIFIER_FIELDS <= set(report["baselines"][name]), name
     assert set(report["ablation"]) == {"hamming", "rerank", "hierarchical"}
-    assert set(report["leakage"]) >= {"patient", "roi", "inflation"}
+    leakage = report["leakage"]
+    assert leakage["seeds"] == 3 and len(leakage["roi"]["map_at_10"]["values"]) == 3
+    for key in ("accuracy", "p_at_10", "map_at_10"):
+        inflation = leakage["inflation"][key]
+        assert inflation["low"] <= inflation["difference"] <= inflation["high"]
+        difference = leakage["roi"][key]["mean"] - leakage["patient"][key]["mean"]
+        assert inflation["difference"] == pytest.approx(difference)
+    assert set(leakage["raw_knn"]) == {"patient", "roi", "p_at_10", "map_at_10"}
     assert set(report["bits_sweep"]) == {"32", "256"}
     assert 0.0 <= report["ndcg_at_10"] <= 1.0
-    # separable data: a shallow hash beats the class prior clearly even in this short run (the deep
-    # model's learning is tested in test_hashing_network with enough steps)
+    # separable data: codes and classifier both find the classes even in this short run
     assert report["baselines"]["ITQ"]["map_at_k"]["10"] > 0.6
-    assert all(0.0 <= value <= 1.0 for value in report["ours"]["map_at_k"].values())
+    assert report["ours"]["accuracy"] > 0.9 and report["ablation"]["hamming"]["map_at_k"]["10"] > 0.9
     for name in ("evaluation.md", "map_at_k.png", "examples.png"):
         assert (out / name).stat().st_size > 0
-    assert "| Ours (hierarchical) |" in (out / "evaluation.md").read_text()
+    markdown = (out / "evaluation.md").read_text()
+    assert "| Ours (hierarchical) |" in markdown and "### Code health" in markdown
+    assert "trained from scratch on the training split" in markdown and "## Leakage" in markdown
+
+
+def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:
+    """With a deployed model and index the report leads with them, searched through NoduleSearcher;
+    the accuracy is the card's, and it is what the searcher's own predictions give."""
+    table = assign_split(_separable_table(), seed=0)
+    train = table[table["split"] == "train"]
+    test = table[table["split"] == "test"].reset_index(drop=True)
+    model = train_hash_model(
+        roi_images(train),
+        train["label"].to_numpy(),
+        train["patient_id"].to_numpy(),
+        NetworkConfig(bits=32, lstm_hidden=16, attention_dim=16, fc_dim=64),
+        TrainConfig(epochs=6, num_threads=1),
+    )
+    encoded = encode(model, roi_images(train))
+    items = train.drop(columns=["image"]).reset_index(drop=True)
+    index = build_index(encoded.codes, encoded.fc, train["label"].to_numpy(), items, "m1", rois=roi_images(train))
+    card_accuracy = classification_metrics(test["label"].to_numpy(), encode(model, roi_images(test)).predicted)
+    deployed = Deployed(NoduleSearcher(model, index, "m1"), {"test_metrics": card_accuracy, "selected_epoch": 6})
+    config = replace(
+        EvaluationConfig.quick(epochs=2, seeds=1), hashing_baselines=(), classifier_baselines=(), bits_sweep=()
+    )
+    evaluation = evaluate(table, config, deployed=deployed, recipe=model.config, network=model.network)
+    headline = evaluation.report["deployed"]
+    assert headline["model_version"] == "m1" and headline["index_version"] == index.index_version
+    assert headline["accuracy"] == card_accuracy["accuracy"] == headline["accuracy_as_searched"]
+    assert set(headline["modes"]) == {"hamming", "rerank", "hierarchical"}
+    assert headline["code_health"]["items"] == len(index)
+    # the rankings are the searcher's, query by query
+    for q in (0, len(test) - 1):
+        hits = deployed.searcher.search_roi(roi_images(test)[q], k=10, exclude_patient=test["patient_id"].iloc[q]).hits
+        assert [h.row for h in hits] == evaluation.example_rankings[q][: len(hits)].tolist()
+    assert evaluation.report["network"]["lstm_hidden"] == 16  # the study retrains the deployed network
+    write_report(evaluation, tmp_path)
+    assert "## Deployed model (the headline)" in (tmp_path / "evaluation.md").read_text()
+
+
+def test_the_rows_order_of_a_table_does_not_change_the_evaluation() -> None:
+    """evaluate-rois on the same table with its rows shuffled: same model, same ranked nodules."""
+    table = _separable_table(patients=12, per_patient=6)
+    config = replace(
+        EvaluationConfig.quick(epochs=2, seeds=1),
+        hashing_baselines=(),
+        classifier_baselines=(),
+        bits_sweep=(),
+        leakage=False,
+    )
+    shuffled = table.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    network = NetworkConfig(bits=32, lstm_hidden=16, attention_dim=16, fc_dim=64)
+    first, second = (evaluate(t, config, network=network) for t in (table, shuffled))
+    ranked = [e.query_rows["nodule_id"].to_numpy()[:, None] for e in (first, second)]
+    hits = [e.database_rows["nodule_id"].to_numpy()[e.example_rankings] for e in (first, second)]
+    by_query = [dict(zip(q[:, 0], h.tolist())) for q, h in zip(ranked, hits)]
+    assert by_query[0] == by_query[1]
+    assert first.report["ours"]["map_at_k"] == second.report["ours"]["map_at_k"]
+    assert first.report["baselines"][RAW_KNN]["map_at_k"] == second.report["baselines"][RAW_KNN]["map_at_k"]
 
 
 def test_rank_by_hamming_settles_ties_by_nodule_id_not_row() -> None:

@@ -338,3 +338,13 @@ def test_code_health_matches_pairwise_counts() -> None:
     collapsed = code_health(np.repeat(codes[:1], 5, axis=0), np.zeros(5))
     assert collapsed["distinct_codes"] == 1 and collapsed["constant_bits"] == 16
     assert collapsed["mean_bit_entropy"] == 0.0 and collapsed["inter_class_hamming"] is None
+
+
+def test_the_order_of_the_rows_does_not_change_the_model() -> None:
+    images, labels, patients = make_rois(n_patients=10, per_patient=4, seed=5)
+    order = np.random.default_rng(0).permutation(len(labels))
+    config = TrainConfig(epochs=2, num_threads=1, batch_size=8)
+    first = train_hash_model(images, labels, patients, NetworkConfig(bits=32, **SMALL), config)
+    second = train_hash_model(images[order], labels[order], patients[order], NetworkConfig(bits=32, **SMALL), config)
+    one, two = first.module.state_dict(), second.module.state_dict()
+    assert all(torch.equal(one[key], two[key]) for key in one)

@@ -24,11 +24,16 @@ WHEN_DATASET_OR_MODEL_CHANGES = (
 """``hash_index``: re-encode the database with the current model, never a model that failed a
 blocking check (such as the test-accuracy floor)."""
 
+_MODEL_UPDATED = AutomationCondition.any_deps_updated().allow(AssetSelection.assets("hash_model"))
+_INDEX_UPDATED = AutomationCondition.any_deps_updated().allow(AssetSelection.assets("hash_index"))
+
 AFTER_RETRAIN = (
-    AutomationCondition.any_deps_updated().allow(AssetSelection.assets("hash_model")).since_last_handled()
+    _MODEL_UPDATED.since_last_handled()
+    & _INDEX_UPDATED.since(_MODEL_UPDATED)
     & _SETTLED
     & ~AutomationCondition.any_deps_missing()
     & AutomationCondition.all_deps_blocking_checks_passed()
-).with_label("model retrained")
-"""``retrieval_evaluation``: a new model is evaluated; new database patients alone do not
-re-run the (long) evaluation."""
+).with_label("model retrained and indexed")
+"""``retrieval_evaluation``: a new model is evaluated once ``hash_index`` has been re-encoded with
+it (the report's headline is the model users search, through its index); new database patients
+alone do not re-run the (long) evaluation."""

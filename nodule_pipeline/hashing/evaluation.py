@@ -1,11 +1,17 @@
-"""The evaluation behind the report: the paper's tables and figures with an honest protocol.
+"""The evaluation behind the report, in two parts.
 
-Every method sees the same split and the same ROIs: queries are the test rows, the database is
-the training rows, relevance is the same ground-truth label (DESIGN.md section 6). Ours is the
-paper's network with hierarchical search, over several seeds; the paper's Table 2 variants are
-configurations of the same network; shallow and deep hashing baselines rank the database by
-Hamming distance (ties by nodule id). Leakage: the same model trained and evaluated on the
-paper's random ROI split, beside the patient split.
+1. **The deployed model** (when given): the ``hash_model`` asset queried through its
+   ``hash_index`` with :class:`~nodule_pipeline.hashing.searcher.NoduleSearcher`, the search code
+   users call, the test split as queries. Its accuracy is the model card's.
+2. **The comparison study**: every method retrained from scratch on the training split under the
+   same recipe as the deployed model: ours over seeds; the paper's cross-entropy-only objective
+   and the paper's whole recipe; the network variants of the paper's Table 2; shallow and deep
+   hashing baselines; SVM and ELM; a raw-pixel Euclidean kNN; hash sizes; and the leak of the
+   paper's random ROI split, with seeds on both splits.
+
+Relevance is the same ground-truth label; queries are the test rows, the database the training
+rows; metrics as DESIGN.md section 6 pins them. Every ranking settles equal distances by nodule
+id, never by row order.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from nodule_pipeline.hashing.baselines import (
     fit_classifier_baseline,
     fit_hashing_baseline,
 )
-from nodule_pipeline.hashing.codes import pack_codes
+from nodule_pipeline.hashing.codes import code_health, unpack_codes
 from nodule_pipeline.hashing.index import build_index
 from nodule_pipeline.hashing.metrics import (
     bootstrap_interval,
+    difference_interval,
     mean_std,
     ndcg_at_k,
     per_query_metrics,
@@ -36,12 +43,18 @@ from nodule_pipeline.hashing.metrics import (
     relevant_counts,
     retrieval_metrics,
 )
-from nodule_pipeline.hashing.network import VARIANTS, NetworkConfig
-from nodule_pipeline.hashing.search import rank_by_hamming, search_batch, stable_keys
+from nodule_pipeline.hashing.network import VARIANTS, NetworkConfig, normalise_rois
+from nodule_pipeline.hashing.search import rank_by_distance, rank_by_hamming, search_batch, stable_keys
+from nodule_pipeline.hashing.searcher import NoduleSearcher
 from nodule_pipeline.hashing.training import Encoded, TrainConfig, classification_metrics, encode, train_hash_model
 from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, assign_split, roi_images
 
 SEARCH_MODES = ("hamming", "rerank", "hierarchical")
+CLASSIFICATION_KEYS = ("accuracy", "recall", "f1", "precision")
+RAW_KNN = "Raw-pixel kNN"
+PAPER_OBJECTIVE = "Paper objective (CE only)"
+PAPER_RECIPE = "Paper recipe"
+LEAKAGE_METRICS = ("accuracy", "p_at_10", "map_at_10")
 
 
 class NotEnoughData(ValueError):
@@ -50,10 +63,11 @@ class NotEnoughData(ValueError):
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """What the report runs. The defaults are the full report; :meth:`quick` is the test-size one."""
+    """What the comparison study runs. The defaults are the full report; :meth:`quick` the
+    minutes-long one. ``epochs`` None trains every network for the recipe's epochs."""
 
     bits: int = 256
-    epochs: int = 25
+    epochs: int | None = None
     seeds: int = 3
     bits_sweep: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
     variants: tuple[str, ...] = tuple(name for name in VARIANTS if name != "ours")
@@ -66,8 +80,9 @@ class EvaluationConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> EvaluationConfig:
-        """Few epochs, two bit sizes, one seed: the whole chain in minutes, for tests and demos."""
-        return replace(cls(epochs=3, seeds=1, bits_sweep=(32, 256), baseline_epochs=3), **overrides)
+        """12 epochs, three seeds a split, two hash sizes, no Table 2 variants: minutes on a CPU."""
+        quick = cls(epochs=12, bits_sweep=(32, 256), variants=(), baseline_epochs=5)
+        return replace(quick, **overrides)
 
     @classmethod
     def profile(cls, name: str, **overrides: Any) -> EvaluationConfig:
@@ -78,12 +93,21 @@ class EvaluationConfig:
 
 @dataclass
 class Evaluation:
-    """The report's numbers (``report``, JSON-ready) and what pictures need (rankings, images)."""
+    """The report's numbers (``report``, JSON-ready) and what pictures need: the headline's
+    rankings of the queries (rows of ``database_rows``, which holds an ``image`` column)."""
 
     report: dict[str, Any]
-    example_rankings: np.ndarray  # (queries, k) database rows of ours, hierarchical, seed 0
+    example_rankings: np.ndarray
     query_rows: pd.DataFrame = field(repr=False)
     database_rows: pd.DataFrame = field(repr=False)
+
+
+@dataclass
+class Deployed:
+    """The model and index users search, and the model's card (its test metrics)."""
+
+    searcher: NoduleSearcher
+    card: dict[str, Any]
 
 
 def _split(table: pd.DataFrame, mode: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -99,49 +123,170 @@ def _split(table: pd.DataFrame, mode: str, seed: int) -> tuple[pd.DataFrame, pd.
     return train, test
 
 
-def _retrieval(ranked_rows: np.ndarray, test: pd.DataFrame, train: pd.DataFrame, ks: tuple[int, ...]) -> dict:
-    query_labels, db_labels = test["label"].to_numpy(), train["label"].to_numpy()
+def _ratings(table: pd.DataFrame) -> np.ndarray | None:
+    return ratings_matrix(table) if {"malignancy", "texture"} <= set(table.columns) else None
+
+
+def ranking_metrics(
+    ranked_rows: np.ndarray,
+    queries: pd.DataFrame,
+    database: pd.DataFrame,
+    ks: tuple[int, ...],
+    relevant_in_db: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """MAP@k, P@k, R@k, F1@k and graded nDCG@10 of a ranking (rows of ``database`` per query)."""
+    query_labels, db_labels = queries["label"].to_numpy(), database["label"].to_numpy()
     relevance = ranked_relevance(query_labels, db_labels, ranked_rows)
-    return retrieval_metrics(relevance, relevant_counts(query_labels, db_labels), ks=ks)
+    counts = relevant_counts(query_labels, db_labels) if relevant_in_db is None else relevant_in_db
+    metrics = retrieval_metrics(relevance, counts, ks=ks)
+    _, metrics["ndcg_at_10"] = ndcg_at_k(
+        _ratings(queries), _ratings(database), query_labels, db_labels, ranked_rows, k=10
+    )
+    return metrics
 
 
-class _Runner:
-    """Trains and scores the network configurations the report needs, on one split."""
+def _spread(values: list[float]) -> dict[str, Any]:
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "values": values}
 
-    def __init__(self, train: pd.DataFrame, test: pd.DataFrame, config: EvaluationConfig, log: Callable[[str], None]):
+
+def _headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures the leakage and spread tables compare."""
+    return {"accuracy": metrics["accuracy"], "p_at_10": metrics["p_at_10"], "map_at_10": metrics["map_at_k"]["10"]}
+
+
+class _Study:
+    """Trains and scores the network configurations and baselines the study needs, on one split."""
+
+    def __init__(
+        self,
+        train: pd.DataFrame,
+        test: pd.DataFrame,
+        config: EvaluationConfig,
+        recipe: TrainConfig,
+        network: NetworkConfig,
+        log: Callable[[str], None],
+    ):
         self.train, self.test, self.config, self.log = train, test, config, log
+        self.recipe = recipe if config.epochs is None else replace(recipe, epochs=config.epochs)
+        self.network = network
         self.train_images, self.test_images = roi_images(train), roi_images(test)
+        self.keys = stable_keys(train)
         self.k_max = max(config.ks)
 
-    def fit(self, variant: str, bits: int, seed: int) -> tuple[Encoded, Encoded]:
-        self.log(f"training {variant}, {bits} bits, seed {seed}, {self.config.epochs} epochs")
+    def fit(
+        self, variant: str, bits: int, seed: int, recipe: TrainConfig | None = None
+    ) -> tuple[Encoded, Encoded, dict[str, Any]]:
+        recipe = replace(recipe or self.recipe, seed=seed)
+        self.log(f"training {variant}, {bits} bits, seed {seed}, up to {recipe.epochs} epochs")
         model = train_hash_model(
             self.train_images,
             self.train["label"].to_numpy(),
             self.train["patient_id"].to_numpy(),
-            NetworkConfig(bits=bits, variant=variant),
-            TrainConfig(epochs=self.config.epochs, seed=seed),
+            replace(self.network, bits=bits, variant=variant),
+            recipe,
         )
-        return encode(model, self.train_images), encode(model, self.test_images)
+        database = encode(model, self.train_images)
+        return database, encode(model, self.test_images), code_health(database.codes, self.train["label"].to_numpy())
 
     def score(self, database: Encoded, queries: Encoded, mode: str = "hierarchical") -> tuple[dict, np.ndarray]:
         """Classification of the queries plus retrieval in one search mode."""
         items = self.train[["patient_id", "nodule_id"]]
         index = build_index(database.codes, database.fc, self.train["label"].to_numpy(), items, "evaluation")
-        result = search_batch(index, pack_codes(queries.codes), queries.fc, queries.predicted, k=self.k_max, mode=mode)
-        metrics = _retrieval(result.rows, self.test, self.train, self.config.ks)
+        result = search_batch(index, queries.codes, queries.fc, queries.predicted, k=self.k_max, mode=mode)
+        metrics = ranking_metrics(result.rows, self.test, self.train, self.config.ks)
         classified = classification_metrics(self.test["label"].to_numpy(), queries.predicted)
-        metrics.update({name: classified[name] for name in ("accuracy", "recall", "f1", "precision")})
+        metrics.update({name: classified[name] for name in CLASSIFICATION_KEYS})
         return metrics, result.rows
 
+    def run(self, variant: str, bits: int, seed: int, recipe: TrainConfig | None = None) -> dict[str, Any]:
+        database, queries, health = self.fit(variant, bits, seed, recipe)
+        return self.score(database, queries)[0] | {"code_health": health}
 
-def _spread(per_seed: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    spread = {}
-    for key in keys:
-        values = [run[key] for run in per_seed]
-        mean, std = mean_std(values)
-        spread[key] = {"mean": mean, "std": std, "values": values}
-    return spread
+    def raw_knn(self) -> dict[str, Any]:
+        """Euclidean kNN on the normalised pixels: the deterministic reference every learned code must beat."""
+        database, stats = normalise_rois(self.train_images)
+        queries = normalise_rois(self.test_images, stats)[0]
+        database, queries = database.reshape(len(database), -1), queries.reshape(len(queries), -1)
+        squared = (queries**2).sum(1)[:, None] - 2 * queries @ database.T + (database**2).sum(1)[None, :]
+        ranked = rank_by_distance(np.maximum(squared, 0), self.keys, self.k_max)
+        return ranking_metrics(ranked, self.test, self.train, self.config.ks)
+
+
+def evaluate_deployed(deployed: Deployed, queries: pd.DataFrame, ks: tuple[int, ...]) -> tuple[dict, np.ndarray]:
+    """The deployed model and index on the test queries, in each search mode, through
+    :meth:`NoduleSearcher.search_many`; a query's own patient is never in its results (it
+    matters when the index holds every row). Returns the report part and the hierarchical
+    rankings (rows of the index)."""
+    searcher = deployed.searcher
+    index = searcher.index
+    database = index.items.assign(label=np.asarray(index.labels))
+    images = roi_images(queries)
+    patients = queries["patient_id"].astype(str).tolist()
+    same_patient = database["patient_id"].astype(str).to_numpy()[None, :] == np.asarray(patients)[:, None]
+    same_label = queries["label"].to_numpy()[:, None] == database["label"].to_numpy()[None, :]
+    relevant = (same_label & ~same_patient).sum(axis=1)
+    modes: dict[str, Any] = {}
+    rankings = np.empty((len(queries), 0), dtype=np.int64)
+    predicted = np.empty(0, dtype=np.int8)
+    for mode in SEARCH_MODES:
+        encoded, result = searcher.search_many(images, k=max(ks), mode=mode, exclude_patients=patients)
+        modes[mode] = ranking_metrics(result.rows, queries, database, ks, relevant)
+        rankings, predicted = result.rows, encoded.predicted
+    card_metrics = deployed.card.get("test_metrics") or {}
+    classified = classification_metrics(queries["label"].to_numpy(), predicted)
+    report = {
+        "model_version": searcher.model_version,
+        "index_version": index.index_version,
+        "n_queries": len(queries),
+        "n_database": len(index),
+        "database": index.lineage.get("database", "train"),
+        "accuracy": card_metrics.get("accuracy", classified["accuracy"]),
+        "accuracy_as_searched": classified["accuracy"],
+        **{name: classified[name] for name in ("recall", "f1", "precision")},
+        "modes": modes,
+        "code_health": code_health(unpack_codes(index.codes, index.bits), index.labels),
+        "training": deployed.card.get("training"),
+        "selected_epoch": deployed.card.get("selected_epoch"),
+    }
+    return report, rankings
+
+
+def _leakage(
+    table: pd.DataFrame,
+    study: _Study,
+    patient_runs: list[dict[str, Any]],
+    bits: int,
+    split_seed: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The same recipe on the paper's random ROI split, with as many seeds as the patient split,
+    beside it; the raw-pixel kNN on both splits is the deterministic reference."""
+    log("leakage: the same recipe on the paper's random ROI split")
+    roi_train, roi_test = _split(table.drop(columns=[SPLIT_COLUMN], errors="ignore"), "roi", split_seed)
+    roi_study = _Study(roi_train, roi_test, study.config, study.recipe, study.network, log)
+    roi_runs = [roi_study.run("ours", bits, seed) for seed in range(len(patient_runs))]
+    sides = {"patient": [_headline(run) for run in patient_runs], "roi": [_headline(run) for run in roi_runs]}
+    spread = {
+        side: {key: _spread([run[key] for run in runs]) for key in LEAKAGE_METRICS} for side, runs in sides.items()
+    }
+    inflation = {}
+    for key in LEAKAGE_METRICS:
+        difference, low, high = difference_interval(spread["patient"][key]["values"], spread["roi"][key]["values"])
+        inflation[key] = {"difference": difference, "low": low, "high": high}
+    knn: dict[str, Any] = {}
+    for side, side_study in (("patient", study), ("roi", roi_study)):
+        metrics = side_study.raw_knn()
+        knn[side] = {"p_at_10": metrics["p_at_10"], "map_at_10": metrics["map_at_k"]["10"]}
+    for key in ("p_at_10", "map_at_10"):
+        knn[key] = knn["roi"][key] - knn["patient"][key]
+    return {
+        "seeds": len(patient_runs),
+        **spread,
+        "inflation": inflation,
+        "raw_knn": knn,
+        "roi_patients_on_both_sides": len(set(roi_train["patient_id"]) & set(roi_test["patient_id"])),
+    }
 
 
 def evaluate(
@@ -149,98 +294,102 @@ def evaluate(
     config: EvaluationConfig = EvaluationConfig(),
     split_mode: str = "patient",
     log: Callable[[str], None] = lambda _: None,
+    recipe: TrainConfig | None = None,
+    network: NetworkConfig | None = None,
+    deployed: Deployed | None = None,
 ) -> Evaluation:
-    """Run the whole comparison on a ROI table (with a ``split`` column, or split by patient here)."""
+    """The whole report on a ROI table (with a ``split`` column, or split by patient here).
+
+    ``recipe``/``network``: how the study trains (the deployed model's, when there is one; else
+    the defaults); ``deployed``: the model and index users search, the report's headline.
+    """
+    recipe = recipe or TrainConfig()
+    network = network or NetworkConfig()
     train, test = _split(table, split_mode, config.split_seed)
-    runner = _Runner(train, test, config, log)
+    study = _Study(train, test, config, recipe, network, log)
     ks = config.ks
 
-    # Ours: the paper's network, hierarchical search, over seeds.
+    report: dict[str, Any] = {"split_mode": split_mode, "n_queries": len(test), "n_database": len(train)}
+    if deployed is not None:
+        log("the deployed model through its index")
+        report["deployed"], deployed_rows = evaluate_deployed(deployed, test, ks)
+
+    # Ours: the recipe, hierarchical search, over seeds.
     per_seed, first = [], None
     for seed in range(config.seeds):
-        database, queries = runner.fit("ours", config.bits, seed)
-        metrics, rows = runner.score(database, queries)
-        per_seed.append(metrics)
+        database, queries, health = study.fit("ours", config.bits, seed)
+        metrics, rows = study.score(database, queries)
+        per_seed.append(metrics | {"code_health": health})
         if first is None:
             first = (database, queries, rows)
     database, queries, ours_rows = first
     ours = dict(per_seed[0])
-    spread_keys = ("accuracy", "recall", "f1", "p_at_10")
-    ours["spread"] = _spread(per_seed, spread_keys)
-    ours["spread"]["map_at_10"] = _spread([{"m": run["map_at_k"]["10"]} for run in per_seed], ("m",))["m"]
+    ours["spread"] = {
+        key: _spread([_headline(run)[key] for run in per_seed]) for key in ("accuracy", "p_at_10", "map_at_10")
+    }
     relevance = ranked_relevance(test["label"].to_numpy(), train["label"].to_numpy(), ours_rows)
-    ap10 = per_query_metrics(relevance, relevant_counts(test["label"].to_numpy(), train["label"].to_numpy()), 10)["ap"]
-    ours["map_at_10_bootstrap_95"] = list(bootstrap_interval(ap10))
+    counts = relevant_counts(test["label"].to_numpy(), train["label"].to_numpy())
+    ours["map_at_10_bootstrap_95"] = list(bootstrap_interval(per_query_metrics(relevance, counts, 10)["ap"]))
     log("ours: ablation of the search stages")
-    ablation = {mode: runner.score(database, queries, mode)[0] for mode in SEARCH_MODES}
-    has_ratings = all(column in table.columns for column in ("malignancy", "texture"))
-    _, ndcg = ndcg_at_k(
-        ratings_matrix(test) if has_ratings else None,
-        ratings_matrix(train) if has_ratings else None,
-        test["label"].to_numpy(),
-        train["label"].to_numpy(),
-        ours_rows,
-        k=10,
-    )
+    ablation = {mode: study.score(database, queries, mode)[0] for mode in SEARCH_MODES}
+
+    objectives = {
+        PAPER_OBJECTIVE: study.run(
+            "ours",
+            config.bits,
+            0,
+            replace(study.recipe, pairwise_weight=0, quantization_weight=0, balance_weight=0, decorrelation_weight=0),
+        ),
+        PAPER_RECIPE: study.run("ours", config.bits, 0, TrainConfig.paper(epochs=config.epochs or 25)),
+    }
 
     baselines: dict[str, dict] = {}
     for variant in config.variants:
-        variant_database, variant_queries = runner.fit(variant, config.bits, 0)
-        baselines[VARIANTS[variant]] = runner.score(variant_database, variant_queries)[0]
+        baselines[VARIANTS[variant]] = study.run(variant, config.bits, 0)
     for name in config.hashing_baselines:
         log(f"baseline {DISPLAY_NAMES[name]}")
         model = fit_hashing_baseline(
-            name, runner.train_images, train["label"].to_numpy(), config.bits, 0, epochs=config.baseline_epochs
+            name, study.train_images, train["label"].to_numpy(), config.bits, 0, epochs=config.baseline_epochs
         )
-        ranked = rank_by_hamming(
-            model.encode(runner.test_images), model.encode(runner.train_images), stable_keys(train), runner.k_max
-        )
-        baselines[DISPLAY_NAMES[name]] = _retrieval(ranked, test, train, ks)
+        database_codes = model.encode(study.train_images)
+        ranked = rank_by_hamming(model.encode(study.test_images), database_codes, study.keys, study.k_max)
+        baselines[DISPLAY_NAMES[name]] = ranking_metrics(ranked, test, train, ks) | {
+            "code_health": code_health(database_codes, train["label"].to_numpy())
+        }
+    baselines[RAW_KNN] = study.raw_knn()
     for name in config.classifier_baselines:
         log(f"baseline {DISPLAY_NAMES[name]}")
-        model = fit_classifier_baseline(name, runner.train_images, train["label"].to_numpy(), 0)
-        classified = classification_metrics(test["label"].to_numpy(), model.predict(runner.test_images))
-        baselines[DISPLAY_NAMES[name]] = {
-            name_: classified[name_] for name_ in ("accuracy", "recall", "f1", "precision")
-        }
+        model = fit_classifier_baseline(name, study.train_images, train["label"].to_numpy(), 0)
+        classified = classification_metrics(test["label"].to_numpy(), model.predict(study.test_images))
+        baselines[DISPLAY_NAMES[name]] = {key: classified[key] for key in CLASSIFICATION_KEYS}
 
     bits_sweep = {}
     for bits in config.bits_sweep:
-        if bits == config.bits:
-            metrics = per_seed[0]
-        else:
-            metrics = runner.score(*runner.fit("ours", bits, 0))[0]
+        metrics = per_seed[0] if bits == config.bits else study.run("ours", bits, 0)
         bits_sweep[str(bits)] = {key: metrics[key] for key in ("accuracy", "recall", "f1")} | {
-            "map_at_10": metrics["map_at_k"]["10"]
+            "map_at_10": metrics["map_at_k"]["10"],
+            "distinct_codes": metrics["code_health"]["distinct_codes"],
         }
 
     leakage = None
     if config.leakage and split_mode == "patient":
-        log("leakage: the same model on the paper's random ROI split")
-        roi_train, roi_test = _split(table.drop(columns=[SPLIT_COLUMN], errors="ignore"), "roi", config.split_seed)
-        roi_runner = _Runner(roi_train, roi_test, config, log)
-        roi_metrics = roi_runner.score(*roi_runner.fit("ours", config.bits, 0))[0]
-        keys = ("accuracy", "f1", "p_at_10")
-        patient_view = {key: per_seed[0][key] for key in keys} | {"map_at_10": per_seed[0]["map_at_k"]["10"]}
-        roi_view = {key: roi_metrics[key] for key in keys} | {"map_at_10": roi_metrics["map_at_k"]["10"]}
-        leakage = {
-            "patient": patient_view,
-            "roi": roi_view,
-            "inflation": {key: roi_view[key] - patient_view[key] for key in patient_view},
-            "roi_patients_on_both_sides": len(set(roi_train["patient_id"]) & set(roi_test["patient_id"])),
-        }
+        leakage = _leakage(table, study, per_seed, config.bits, config.split_seed, log)
 
-    report = {
-        "split_mode": split_mode,
-        "n_queries": len(test),
-        "n_database": len(train),
+    report |= {
         "bits": config.bits,
+        "recipe": study.recipe.to_dict(),
+        "network": network.to_dict(),
         "ours": ours,
+        "objectives": objectives,
         "baselines": baselines,
         "ablation": ablation,
         "leakage": leakage,
-        "ndcg_at_10": ndcg,
+        "ndcg_at_10": ours["ndcg_at_10"],
         "bits_sweep": bits_sweep,
         "config": asdict(config),
     }
+    if deployed is not None and deployed.searcher.index.rois is not None:
+        index = deployed.searcher.index
+        shown = index.items.assign(label=np.asarray(index.labels), image=list(index.rois.reshape(len(index), -1)))
+        return Evaluation(report, deployed_rows[:, :10], test, shown)
     return Evaluation(report, ours_rows[:, :10], test, train)

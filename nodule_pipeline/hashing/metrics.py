@@ -434,3 +434,23 @@ def mean_std(values: np.ndarray | Sequence[float]) -> tuple[float, float]:
     values = _values(values, "a mean")
     std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     return float(values.mean()), std
+
+
+def difference_interval(
+    first: np.ndarray | Sequence[float], second: np.ndarray | Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """``mean(second) - mean(first)`` over seeds and its Welch t interval (unequal variances,
+    Welch-Satterthwaite degrees of freedom). With one value per side, or no spread on either,
+    the interval collapses onto the difference: there is nothing to estimate the noise from."""
+    from scipy import stats
+
+    a, b = _values(first, "a difference"), _values(second, "a difference")
+    difference = float(b.mean() - a.mean())
+    if len(a) < 2 or len(b) < 2:
+        return difference, difference, difference
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return difference, difference, difference
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf((1 + confidence) / 2, dof) * np.sqrt(va + vb))
+    return difference, difference - half, difference + half

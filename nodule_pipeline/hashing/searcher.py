@@ -19,8 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from nodule_pipeline import privacy
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
-from nodule_pipeline.hashing.search import SearchHit, search
-from nodule_pipeline.hashing.training import TrainedModel, encode, load_model, read_model_card
+from nodule_pipeline.hashing.search import BatchResult, SearchHit, search, search_batch
+from nodule_pipeline.hashing.training import Encoded, TrainedModel, encode, load_model, read_model_card
 from nodule_pipeline.lidc.lung_mask import segment_lungs
 from nodule_pipeline.lidc.rois import query_roi_at
 from nodule_pipeline.lidc.series import load_series
@@ -227,6 +227,22 @@ class NoduleSearcher:
             exclude_patient=exclude_patient,
         )
         return SearchResponse(roi, predicted, float(encoded.probs[0, 1]), hits)
+
+    def search_many(
+        self,
+        images: np.ndarray,
+        k: int = 10,
+        mode: str = "hierarchical",
+        exclude_patients: list[str | None] | None = None,
+    ) -> tuple[Encoded, BatchResult]:
+        """Many ROIs (n, 32, 32) at once, for evaluation: one encoding pass and one pass over the
+        codes, with the search core :meth:`search_roi` uses, so the hits are the same."""
+        self._check_options(k, mode)
+        encoded = encode(self.model, images)
+        result = search_batch(
+            self.index, encoded.codes, encoded.fc, encoded.predicted, k=k, mode=mode, exclude_patients=exclude_patients
+        )
+        return encoded, result
 
     def search_dicom(
         self,

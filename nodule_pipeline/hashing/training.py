@@ -307,6 +307,18 @@ def _batch_bounds(n: int, batch_size: int) -> list[int]:
     return bounds
 
 
+def canonical_order(images: np.ndarray, labels: np.ndarray, patient_ids: np.ndarray) -> np.ndarray:
+    """A row order that depends only on the rows' content (patient, label, pixels), not on where
+    they stand: training visits rows in this order before shuffling, so the same table in any
+    row order trains the same model."""
+    pixels = np.ascontiguousarray(np.asarray(images, dtype=np.float32).reshape(len(images), -1))
+    digests = np.array(
+        [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big") for row in pixels],
+        dtype=np.uint64,
+    )
+    return np.lexsort((digests, np.asarray(labels), np.asarray(patient_ids).astype(str)))
+
+
 def train_hash_model(
     images: np.ndarray,
     labels: np.ndarray,
@@ -318,7 +330,8 @@ def train_hash_model(
     """Train :class:`HashNet` on training-split ROIs (n, 32, 32) with labels and patient ids.
 
     Validation patients are carved out of these rows (pass training rows only: the test split
-    must never be touched); normalisation is fitted on the rows actually trained on. With a
+    must never be touched); normalisation is fitted on the rows actually trained on. The rows'
+    order does not matter (:func:`canonical_order`). With a
     validation split the weights of the epoch with the lowest validation cross-entropy are
     returned. ``progress`` is called after every epoch (e.g. to log to Dagster). Returns the model
     in eval mode on the CPU, whatever device trained it.
@@ -326,6 +339,8 @@ def train_hash_model(
     network = network or NetworkConfig()
     config = config or TrainConfig()
     y_all = _check_inputs(images, labels, patient_ids, network.num_classes)
+    order = canonical_order(images, y_all, patient_ids)
+    images, y_all, patient_ids = np.asarray(images)[order], y_all[order], np.asarray(patient_ids)[order]
     rng = np.random.default_rng(config.seed)
     held_out = np.zeros(len(y_all), dtype=bool)
     if config.validation_fraction > 0:
