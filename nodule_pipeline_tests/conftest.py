@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 LIDC_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "lidc-sample"
 SAMPLE_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
+REAL_NODULES = Path(__file__).resolve().parents[2] / "shared" / "lidc-real-nodules" / "rois.parquet"
 NO_ACCURACY_FLOOR = {"accuracy_floor": 0.0}
 """``hash_model`` config for a handful of ROIs, where test accuracy says little: index anyway."""
 QUICK_TRAINING = {"epochs": 2, **NO_ACCURACY_FLOOR}
@@ -26,11 +28,27 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+def require_shared(path: Path, what: str) -> Path:
+    """A path under ../shared: missing, the test skips on a developer's machine but fails under
+    CI=true, where ../shared stands beside the clone (a skipped real-data test never ran)."""
+    if not path.exists():
+        message = f"{what} not found at {path}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{message}; CI must have ../shared beside its clone")
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(scope="session")
 def lidc_sample() -> Path:
-    if not (LIDC_SAMPLE / SAMPLE_PATIENTS[0]).is_dir():
-        pytest.skip(f"real LIDC sample not found at {LIDC_SAMPLE}")
+    require_shared(LIDC_SAMPLE / SAMPLE_PATIENTS[0], "real LIDC sample")
     return LIDC_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def real_nodules() -> Path:
+    """The 1,733 real LIDC nodules (ROI table), for choices that must hold on real CT."""
+    return require_shared(REAL_NODULES, "real LIDC nodules")
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ from nodule_pipeline.lidc.lung_mask import (
     segment_lungs,
     unpack_mask,
 )
+from nodule_pipeline_tests.conftest import SAMPLE_PATIENTS
 
-LIDC_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "lidc-sample"
-REAL_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
+REAL_PATIENTS = SAMPLE_PATIENTS
 
 # --------------------------------------------------------------------------------------------
 # Phantom: a body ellipse with two air-filled lungs, trachea and bronchi, nodules, vessels, bowel
@@ -301,13 +301,11 @@ class RealScan:
 
 
 @pytest.fixture(scope="module")
-def real_scans() -> dict[str, RealScan]:
-    if not all((LIDC_SAMPLE / p).is_dir() for p in REAL_PATIENTS):
-        pytest.skip(f"real LIDC sample (patients {', '.join(REAL_PATIENTS)}) not found at {LIDC_SAMPLE}")
+def real_scans(lidc_sample: Path) -> dict[str, RealScan]:
     from nodule_pipeline.lidc.pylidc_compat import pylidc_dicom_root
 
     scans = {}
-    with pylidc_dicom_root(LIDC_SAMPLE) as pl:
+    with pylidc_dicom_root(lidc_sample) as pl:
         for patient_id in REAL_PATIENTS:
             scan = pl.query(pl.Scan).filter(pl.Scan.patient_id == patient_id).first()
             start = time.perf_counter()

@@ -84,13 +84,14 @@ ACCURACY_FLOOR = "test_accuracy_floor"
 
 @asset(
     group_name="hashing",
-    code_version="1",
+    code_version="2",
     kinds={"pytorch"},
     check_specs=[AssetCheckSpec(ACCURACY_FLOOR, asset="hash_model", blocking=True)],
 )
 def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_dataset: pd.DataFrame):
-    """Cross-entropy plus L2, Adam, seeded; CUDA with mixed precision when present. Test-split
-    metrics go into the model card with the data version and split it was trained on."""
+    """The recipe's objective and schedule (see ``TrainingConfig``), seeded; CUDA with mixed
+    precision when present. Test-split metrics and the database codes' health go into the model
+    card with the recipe, the data version and the split it was trained on."""
     train = roi_dataset[roi_dataset[SPLIT_COLUMN] == TRAIN]
     test = roi_dataset[roi_dataset[SPLIT_COLUMN] == TEST]
     if len(train) < 2:

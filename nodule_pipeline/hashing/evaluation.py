@@ -175,10 +175,10 @@ class _Study:
         self.k_max = max(config.ks)
 
     def fit(
-        self, variant: str, bits: int, seed: int, recipe: TrainConfig | None = None
+        self, variant: str, bits: int, seed: int, recipe: TrainConfig | None = None, name: str | None = None
     ) -> tuple[Encoded, Encoded, dict[str, Any]]:
         recipe = replace(recipe or self.recipe, seed=seed)
-        self.log(f"training {variant}, {bits} bits, seed {seed}, up to {recipe.epochs} epochs")
+        self.log(f"training {name or VARIANTS[variant]}, {bits} bits, seed {seed}, up to {recipe.epochs} epochs")
         model = train_hash_model(
             self.train_images,
             self.train["label"].to_numpy(),
@@ -199,8 +199,10 @@ class _Study:
         metrics.update({name: classified[name] for name in CLASSIFICATION_KEYS})
         return metrics, result.rows
 
-    def run(self, variant: str, bits: int, seed: int, recipe: TrainConfig | None = None) -> dict[str, Any]:
-        database, queries, health = self.fit(variant, bits, seed, recipe)
+    def run(
+        self, variant: str, bits: int, seed: int, recipe: TrainConfig | None = None, name: str | None = None
+    ) -> dict[str, Any]:
+        database, queries, health = self.fit(variant, bits, seed, recipe, name)
         return self.score(database, queries)[0] | {"code_health": health}
 
     def raw_knn(self) -> dict[str, Any]:
@@ -265,7 +267,7 @@ def _leakage(
     log("leakage: the same recipe on the paper's random ROI split")
     roi_train, roi_test = _split(table.drop(columns=[SPLIT_COLUMN], errors="ignore"), "roi", split_seed)
     roi_study = _Study(roi_train, roi_test, study.config, study.recipe, study.network, log)
-    roi_runs = [roi_study.run("ours", bits, seed) for seed in range(len(patient_runs))]
+    roi_runs = [roi_study.run("ours", bits, seed, name="ours on the ROI split") for seed in range(len(patient_runs))]
     sides = {"patient": [_headline(run) for run in patient_runs], "roi": [_headline(run) for run in roi_runs]}
     spread = {
         side: {key: _spread([run[key] for run in runs]) for key in LEAKAGE_METRICS} for side, runs in sides.items()
@@ -333,14 +335,13 @@ def evaluate(
     log("ours: ablation of the search stages")
     ablation = {mode: study.score(database, queries, mode)[0] for mode in SEARCH_MODES}
 
+    cross_entropy_only = replace(
+        study.recipe, pairwise_weight=0, quantization_weight=0, balance_weight=0, decorrelation_weight=0
+    )
+    paper = TrainConfig.paper(epochs=config.epochs or TrainConfig.paper().epochs)
     objectives = {
-        PAPER_OBJECTIVE: study.run(
-            "ours",
-            config.bits,
-            0,
-            replace(study.recipe, pairwise_weight=0, quantization_weight=0, balance_weight=0, decorrelation_weight=0),
-        ),
-        PAPER_RECIPE: study.run("ours", config.bits, 0, TrainConfig.paper(epochs=config.epochs or 25)),
+        PAPER_OBJECTIVE: study.run("ours", config.bits, 0, cross_entropy_only, PAPER_OBJECTIVE),
+        PAPER_RECIPE: study.run("ours", config.bits, 0, paper, PAPER_RECIPE),
     }
 
     baselines: dict[str, dict] = {}

@@ -81,8 +81,8 @@ class TrainConfig:
     hu_jitter: float = 0.0
     pairwise_weight: float = 1.0
     quantization_weight: float = 0.1
-    balance_weight: float = 1.0
-    decorrelation_weight: float = 1.0
+    balance_weight: float = 5.0
+    decorrelation_weight: float = 5.0
     validation_fraction: float = 0.1
     early_stopping_patience: int = 10
     seed: int = 0
