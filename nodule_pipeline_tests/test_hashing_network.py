@@ -192,7 +192,10 @@ def test_training_learns_and_generalises_to_new_patients(data, trained) -> None:
     with torch.inference_mode():  # codes are decided, not noise around the 0.5 threshold
         x = torch.from_numpy(normalise_rois(images[test], trained.normalisation)[0])
         hash_probs = trained.module(x).hash_probs
-    assert (hash_probs - 0.5).abs().mean() > 0.2
+    # The bit-balance term keeps every bit splitting the data, so sigmoids sit less deep in
+    # saturation than under cross-entropy alone; still, almost no bit is within 0.05 of the threshold.
+    assert (hash_probs - 0.5).abs().mean() > 0.15
+    assert ((hash_probs - 0.5).abs() < 0.05).float().mean() < 0.1
     # class supervision through the hash layer: the two classes' codes differ
     codes = encoded.codes.astype(int)
     y = labels[test]
