@@ -229,12 +229,12 @@ def evaluate_deployed(deployed: Deployed, queries: pd.DataFrame, ks: tuple[int, 
     same_label = queries["label"].to_numpy()[:, None] == database["label"].to_numpy()[None, :]
     relevant = (same_label & ~same_patient).sum(axis=1)
     modes: dict[str, Any] = {}
-    rankings = np.empty((len(queries), 0), dtype=np.int64)
-    predicted = np.empty(0, dtype=np.int8)
+    searched = {}
     for mode in SEARCH_MODES:
-        encoded, result = searcher.search_many(images, k=max(ks), mode=mode, exclude_patients=patients)
-        modes[mode] = ranking_metrics(result.rows, queries, database, ks, relevant)
-        rankings, predicted = result.rows, encoded.predicted
+        searched[mode] = searcher.search_many(images, k=max(ks), mode=mode, exclude_patients=patients)
+        modes[mode] = ranking_metrics(searched[mode][1].rows, queries, database, ks, relevant)
+    encoded, hierarchical = searched["hierarchical"]
+    rankings, predicted = hierarchical.rows, encoded.predicted
     card_metrics = deployed.card.get("test_metrics") or {}
     classified = classification_metrics(queries["label"].to_numpy(), predicted)
     report = {
