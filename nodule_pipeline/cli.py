@@ -17,17 +17,12 @@ DEFAULT_DEMO_PATIENTS = 24
 
 
 def _print_summary(summary, data_dir: Path) -> None:
-    ok = [o for o in summary.outcomes if o.ok]
+    from nodule_pipeline.ingest_summary import summary_lines
+
     print()
-    skipped = sum(o.skipped for o in ok)
-    up_to_date = f" ({skipped} of them up to date, not rerun)" if skipped else ""
-    print(f"patients: {len(ok)} ok{up_to_date}, {len(summary.failed)} failed")
-    print(
-        f"ROIs: {sum(o.metadata.get('kept', 0) for o in ok)} kept "
-        f"({sum(o.metadata.get('benign', 0) for o in ok)} benign, "
-        f"{sum(o.metadata.get('malignant', 0) for o in ok)} malignant), "
-        f"{sum(o.metadata.get('dropped_indeterminate', 0) for o in ok)} rated 3 dropped"
-    )
+    skipped = sum(o.skipped for o in summary.outcomes if o.ok)
+    lines = summary_lines(summary.ingestion)
+    print(lines[0] + (f" ({skipped} of the ok up to date, not rerun)" if skipped else ""), *lines[1:], sep="\n")
     dataset = summary.library_metadata.get("roi_dataset", {})
     if dataset:
         sides = {key: value for key, value in dataset.items() if key.startswith(("train_", "test_"))}
@@ -35,18 +30,30 @@ def _print_summary(summary, data_dir: Path) -> None:
             f"roi_dataset: {dataset.get('rows')} rows, {dataset.get('patients')} patients, "
             f"split {dataset.get('split_mode')}: " + ", ".join(f"{key}={value}" for key, value in sorted(sides.items()))
         )
+    if "no_test_split" in dataset:
+        print(f"  {dataset['test_split_note']}")
     model = summary.library_metadata.get("hash_model", {})
     if model:
+        measured = (
+            f"test accuracy {model['test_accuracy']:.3f}, recall {model.get('test_recall', float('nan')):.3f}, "
+            f"F1 {model.get('test_f1', float('nan')):.3f}"
+            if "test_accuracy" in model
+            else "unmeasured (no test split)"
+        )
         print(
-            f"hash_model {model.get('model_version')}: test accuracy {model.get('test_accuracy', float('nan')):.3f}, "
-            f"recall {model.get('test_recall', float('nan')):.3f}, F1 {model.get('test_f1', float('nan')):.3f} "
+            f"hash_model {model.get('model_version')}: {measured} "
             f"({model.get('device')}, {model.get('images_per_s')} images/s, {model.get('seconds')} s)"
         )
+        if model.get("small_data"):
+            print(f"  {model['small_data']}")
+    if summary.model_verdict:
+        print(f"  {summary.model_verdict}")
     index = summary.library_metadata.get("hash_index", {})
     if index:
         print(
             f"hash_index {index.get('index_version')}: {index.get('items')} nodule ROIs, {index.get('bits')} bits, "
             f"{index.get('bytes_per_item')} bytes per item"
+            + ("; built from an unmeasured model" if index.get("model_measured") is False else "")
         )
     evaluation = summary.library_metadata.get("retrieval_evaluation", {})
     if "skipped" in evaluation:

@@ -7,7 +7,17 @@ the artefact folders (the record is no use if the stored result was deleted).
 
 from pathlib import Path
 
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, Definitions, EventLogRecord
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    Definitions,
+    EventLogRecord,
+    RunsFilter,
+)
+from dagster_shared.error import SerializableErrorInfo
 
 from nodule_pipeline.assets.scans import SOURCE_FINGERPRINT
 
@@ -53,3 +63,24 @@ def is_current(
         if upstream is None or upstream.storage_id > record.storage_id:
             return False
     return True
+
+
+def innermost_message(error: SerializableErrorInfo) -> str:
+    """What a user reads of a failure: the last line of its innermost cause."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip().splitlines()[-1] if error.message.strip() else error.cls_name or "error"
+
+
+def latest_failure(instance: DagsterInstance, patient_id: str) -> str | None:
+    """The reason the patient's latest failed run failed (None: no failed run)."""
+    runs = instance.get_runs(
+        RunsFilter(tags={"dagster/partition": patient_id}, statuses=[DagsterRunStatus.FAILURE]), limit=1
+    )
+    for run in runs:
+        for entry in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_FAILURE):
+            failure = entry.dagster_event.step_failure_data if entry.dagster_event else None
+            if failure is not None and failure.error is not None:
+                return innermost_message(failure.error)
+        return "run failed"
+    return None

@@ -29,6 +29,7 @@ DICOM_ATTRIBUTES_READ = (
     # identity of the image within its series (pseudonymised when pseudonyms are on)
     "SOPClassUID",
     "SOPInstanceUID",
+    "InstanceNumber",
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "Modality",

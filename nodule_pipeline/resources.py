@@ -22,6 +22,7 @@ from nodule_pipeline.hashing.index import MANIFEST as INDEX_MANIFEST
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest, save_index
 from nodule_pipeline.hashing.training import META_FILE as MODEL_META
 from nodule_pipeline.hashing.training import load_model, read_model_card, save_model
+from nodule_pipeline.lidc.layout import find_patient_folders
 from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
 from nodule_pipeline.lidc.series import CtSeries, open_scan, save_scan
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
@@ -82,7 +83,8 @@ def load_artefact(folder: Path, lazy_volumes: bool = False) -> object:
 
 
 class ScanSource(ConfigurableResource):
-    """LIDC scans in TCIA layout: ``<root>/<patient_id>/<study_uid>/<series_uid>/*.dcm`` + XML.
+    """LIDC scans as downloaded: ``<root>/<patient_id>/<study>/<series>/*.dcm`` + XML, or the
+    same under collection and download folders (see :mod:`nodule_pipeline.lidc.layout`).
 
     Partition keys are the patient folder names, or their keyed pseudonyms when
     ``NODULE_PIPELINE_PSEUDONYM_KEY`` is set (see :mod:`nodule_pipeline.privacy`)."""
@@ -91,22 +93,17 @@ class ScanSource(ConfigurableResource):
 
     def patient_folders(self) -> dict[str, Path]:
         """Partition key -> folder, for every patient folder under the root that holds DICOM files."""
-        root = Path(self.root)
-        if not root.is_dir():
-            raise InputDataError("scan root folder not found", path=root)
         pseudonymiser = privacy.active()
-        folders = [p for p in root.iterdir() if p.is_dir() and next(p.rglob("*.dcm"), None) is not None]
-        return {(pseudonymiser.patient(p.name) if pseudonymiser else p.name): p for p in sorted(folders)}
+        found = find_patient_folders(Path(self.root))
+        return {(pseudonymiser.patient(name) if pseudonymiser else name): found[name] for name in sorted(found)}
 
     def patient_dir(self, patient_id: str) -> Path:
-        pseudonymiser = privacy.active()
-        if pseudonymiser is None:
-            return Path(self.root) / check_safe_key(patient_id)
-        root = Path(self.root)
-        for folder in root.iterdir() if root.is_dir() else ():
-            if pseudonymiser.patient(folder.name) == patient_id:
-                return folder
-        raise InputDataError("no patient folder under the scan root has this pseudonym", patient_id=patient_id)
+        if privacy.active() is None and (Path(self.root) / check_safe_key(patient_id)).is_dir():
+            return Path(self.root) / patient_id  # the common layout, without a look through the root
+        folders = self.patient_folders()
+        if patient_id not in folders:
+            raise InputDataError("no patient folder with DICOM files under the scan root", patient_id=patient_id)
+        return folders[patient_id]
 
     def list_patients(self) -> list[str]:
         """Partition keys of the patient folders that hold DICOM files (sorted)."""

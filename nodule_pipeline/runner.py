@@ -27,10 +27,18 @@ from dagster import (
 
 from nodule_pipeline import privacy
 from nodule_pipeline.arrivals import content_fingerprint
-from nodule_pipeline.currency import ingested_fingerprint, is_current, latest_record, metadata_of
+from nodule_pipeline.assets.model import ACCURACY_FLOOR
+from nodule_pipeline.currency import (
+    ingested_fingerprint,
+    innermost_message,
+    is_current,
+    latest_record,
+    metadata_of,
+)
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.errors import InputDataError, check_safe_key
 from nodule_pipeline.hashing.report import REPORT_JSON
+from nodule_pipeline.ingest_summary import PatientIngest, summarise_ingestion
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.resources import ScanSource, remember_lidc_root
 from nodule_pipeline.storage import artefact_folder, artefacts_dir, owner_died, owner_tag, reports_dir
@@ -50,9 +58,12 @@ class PatientOutcome:
     ok: bool
     seconds: float
     metadata: dict = field(default_factory=dict)
+    """Of ``nodule_rois``."""
     error: str | None = None
     skipped: bool = False
     """Up to date from an earlier run: nothing was executed."""
+    scan: dict = field(default_factory=dict)
+    """Of ``lidc_scan``: series ingested and skipped, duplicate slices resolved."""
 
 
 @dataclass
@@ -62,10 +73,17 @@ class RunSummary:
     library_metadata: dict[str, dict]
     library_skipped: bool = False
     orphaned_runs: int = 0
+    model_verdict: str | None = None
+    """Why the trained model did or did not reach the index (the accuracy-floor check)."""
 
     @property
     def failed(self) -> list[PatientOutcome]:
         return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def ingestion(self) -> dict:
+        """Patients, series, duplicate slices and ROIs of this run added up (see ingest_summary)."""
+        return summarise_ingestion(PatientIngest(o.patient_id, o.scan, o.metadata, o.error) for o in self.outcomes)
 
 
 def open_instance(data_dir: Path) -> DagsterInstance:
@@ -80,11 +98,8 @@ def open_instance(data_dir: Path) -> DagsterInstance:
 def failure_reason(result: ExecuteInProcessResult) -> str:
     """The user-facing reason of a failed run: the innermost error of the first failed step."""
     for event in result.get_step_failure_events():
-        error = event.step_failure_data.error
-        while error is not None and error.cause is not None:
-            error = error.cause
-        if error is not None:
-            return error.message.strip().splitlines()[-1] if error.message.strip() else error.cls_name or "error"
+        if event.step_failure_data.error is not None:
+            return innermost_message(event.step_failure_data.error)
     return "run failed"
 
 
@@ -202,7 +217,8 @@ def run_pipeline(
         prefix = f"[{number:>{len(str(len(runnable)))}}/{len(runnable)}] {patient_id}"
         if not rerun and patient_is_current(instance, defs, data_dir, patient_id, folders[patient_id]):
             metadata = _short_values(metadata_of(latest_record(instance, "nodule_rois", patient_id)))
-            outcomes.append(PatientOutcome(patient_id, True, 0.0, metadata, skipped=True))
+            scan = _short_values(metadata_of(latest_record(instance, "lidc_scan", patient_id)))
+            outcomes.append(PatientOutcome(patient_id, True, 0.0, metadata, skipped=True, scan=scan))
             progress(f"{prefix}: up to date (same files, same code), skipped")
             continue
         started = time.perf_counter()
@@ -212,11 +228,20 @@ def run_pipeline(
         seconds = time.perf_counter() - started
         if result.success:
             metadata = _materialization_metadata(result, "nodule_rois")
-            outcomes.append(PatientOutcome(patient_id, True, seconds, metadata))
+            scan = _materialization_metadata(result, "lidc_scan")
+            outcomes.append(PatientOutcome(patient_id, True, seconds, metadata, scan=scan))
             kept, benign, malignant = (metadata.get(key, 0) for key in ("kept", "benign", "malignant"))
             dropped = metadata.get("dropped_indeterminate", 0)
+            notes = "".join(
+                f", {n} {what}"
+                for what, n in (
+                    ("series skipped (not CT)", scan.get("skipped_series", 0)),
+                    ("duplicate slices resolved", scan.get("duplicate_slices_resolved", 0)),
+                )
+                if n
+            )
             progress(
-                f"{prefix}: ok  {kept} ROIs ({benign} benign, {malignant} malignant, {dropped} rated 3 dropped)"
+                f"{prefix}: ok  {kept} ROIs ({benign} benign, {malignant} malignant, {dropped} rated 3 dropped{notes})"
                 f" {seconds:.1f} s"
             )
         else:
@@ -245,6 +270,9 @@ def run_pipeline(
         tags=tags,
     )
     summary.library_ok = result.success
+    summary.model_verdict = next(
+        (e.description for e in result.get_asset_check_evaluations() if e.check_name == ACCURACY_FLOOR), None
+    )
     summary.library_metadata = {name: _materialization_metadata(result, name) for name in LIBRARY_ASSET_NAMES}
     if not result.success:
         progress(f"library: FAILED {failure_reason(result)}")

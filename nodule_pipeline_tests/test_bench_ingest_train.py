@@ -110,7 +110,7 @@ def test_synthetic_roi_table_meets_the_contract() -> None:
 @pytest.fixture(scope="module")
 def sample_series(lidc_sample: Path):
     patient = SAMPLE_PATIENTS[0]
-    return [load_series(folder, patient) for folder in find_series_folders(lidc_sample / patient, patient)]
+    return [load_series(folder, patient) for folder in find_series_folders(lidc_sample / patient, patient).ct_folders]
 
 
 def test_framed_scan_reads_back_exactly_eager_and_lazy(sample_series, tmp_path: Path) -> None:

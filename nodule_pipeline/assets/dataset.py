@@ -18,9 +18,13 @@ from dagster import (
 )
 
 from nodule_pipeline.assets.refresh import WHEN_NEW_ROIS
+from nodule_pipeline.currency import latest_failure, latest_record, metadata_of
+from nodule_pipeline.ingest_summary import PatientIngest, summarise_ingestion, summary_lines
+from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.pictures import markdown_image, roi_montage
 from nodule_pipeline.roi_table import (
     SPLIT_COLUMN,
+    TEST,
     assign_split,
     empty_roi_table,
     extend_split,
@@ -56,6 +60,32 @@ class SplitConfig(Config):
     resplit: bool = False
     malignant_fraction_min: float = 0.2
     malignant_fraction_max: float = 0.8
+
+
+def ingestion_summary(context: AssetExecutionContext, ingested: set[str]) -> dict:
+    """The ingestion of every registered patient added up: those with ROIs from their latest
+    ``lidc_scan``/``nodule_rois`` metadata, the others with the reason their last run failed."""
+    instance = context.instance
+    patients = []
+    for patient in sorted(set(instance.get_dynamic_partitions(patients_partitions.name)) | ingested):
+        if patient in ingested:
+            scan, rois = (metadata_of(latest_record(instance, name, patient)) for name in ("lidc_scan", "nodule_rois"))
+            patients.append(PatientIngest(patient, scan, rois))
+        else:
+            patients.append(PatientIngest(patient, error=latest_failure(instance, patient) or "not ingested yet"))
+    return summarise_ingestion(patients)
+
+
+def missing_test_split(table: pd.DataFrame, config: SplitConfig) -> str | None:
+    """Why a table of ROIs has no test side, in words (None when it has one)."""
+    if not len(table) or (table[SPLIT_COLUMN] == TEST).any():
+        return None
+    patients = table["patient_id"].nunique()
+    return (
+        f"no test split: a patient split sends round({config.test_fraction} x n) of each label's n patients to "
+        f"test: none of the {patients} patient(s) here. hash_model trains on every ROI and stays unmeasured, and "
+        "retrieval_evaluation is skipped; add patients (or raise test_fraction in roi_dataset's config) to measure"
+    )
 
 
 def previous_split(context: AssetExecutionContext, config: SplitConfig) -> dict[str, list[str]] | None:
@@ -104,6 +134,10 @@ def roi_dataset(context: AssetExecutionContext, config: SplitConfig, nodule_rois
         )
     else:
         table = assign_split(table, config.mode, config.test_fraction, config.seed)
+    no_test = missing_test_split(table, config)
+    if no_test:
+        context.log.warning(no_test)
+    ingestion = ingestion_summary(context, set(nodule_rois)) if not config.external_roi_table else None
     leaks = patients_on_both_sides(table)
     counts = table.groupby([SPLIT_COLUMN, "label"]).size()
     split_table = {f"{side}_{'malignant' if label else 'benign'}": int(n) for (side, label), n in counts.items()}
@@ -122,6 +156,18 @@ def roi_dataset(context: AssetExecutionContext, config: SplitConfig, nodule_rois
             "source": source,
             "data_version": version,
             "split_kept": kept is not None,
+            **({"no_test_split": no_test} if no_test else {}),
+            **(
+                {
+                    "ingestion": MetadataValue.json(ingestion),
+                    "ingestion_summary": MetadataValue.md("\n".join(f"- {line}" for line in summary_lines(ingestion))),
+                    "patients_failed": ingestion["patients_failed"],
+                    "series_skipped": sum(ingestion["series_skipped_by_modality"].values()),
+                    "duplicate_slices_resolved": ingestion["duplicate_slices_resolved"],
+                }
+                if ingestion
+                else {}
+            ),
             "split_settings": MetadataValue.json(
                 {"mode": config.mode, "test_fraction": config.test_fraction, "seed": config.seed}
             ),

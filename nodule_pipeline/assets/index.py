@@ -72,8 +72,9 @@ def hash_index(
     context: AssetExecutionContext, config: IndexConfig, hash_model: ModelArtefact, roi_dataset: pd.DataFrame
 ):
     """Bit-packed codes, fc features, labels, ids and characteristics of the database rows,
-    computed with the current model (no retraining); records the model version, the data version
-    and the patient set it was built from. Refreshes by itself when the dataset or model changes."""
+    computed with the current model (no retraining); records the model version, whether that
+    model was measured on a test split, the data version and the patient set it was built from.
+    Refreshes by itself when the dataset or model changes."""
     rows = database_rows(roi_dataset, config.database)
     images = roi_images(rows)
     patients = sorted(rows["patient_id"].unique().tolist())
@@ -88,7 +89,12 @@ def hash_index(
         model_version=hash_model.model_version,
         predicted=encoded.predicted,
         rois=images,
-        lineage={"data_version": data_version, "database": config.database, "patients": patients},
+        lineage={
+            "data_version": data_version,
+            "database": config.database,
+            "patients": patients,
+            "model_measured": hash_model.measured,
+        },
     )
     labels = index.labels
     queries = roi_dataset[roi_dataset[SPLIT_COLUMN] == TEST]
@@ -104,6 +110,7 @@ def hash_index(
             "bytes_per_item": bytes_per_item(index),
             "database": config.database,
             "model_version": index.model_version,
+            "model_measured": hash_model.measured,
             "index_version": index.index_version,
             "data_version": data_version,
             "patient_ids": MetadataValue.json(patients),

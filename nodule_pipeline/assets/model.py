@@ -26,6 +26,7 @@ from nodule_pipeline.hashing.training import (
     TrainConfig,
     classification_metrics,
     encode,
+    fit_to_data,
     train_hash_model,
 )
 from nodule_pipeline.pictures import markdown_image, training_curves
@@ -72,11 +73,29 @@ class TrainingConfig(Config):
         return TrainConfig.recipe(self.recipe, **{name: getattr(self, name) for name in sorted(recipe_fields)})
 
 
-def upstream_metadata(context: AssetExecutionContext, asset: str, key: str) -> object:
-    """A metadata value of the latest materialization of an upstream asset (None if absent)."""
+def latest_metadata(context: AssetExecutionContext, asset: str) -> dict | None:
+    """The metadata values of an asset's latest materialization (None: never materialized)."""
     event = context.instance.get_latest_materialization_event(AssetKey(asset))
-    entry = event.asset_materialization.metadata.get(key) if event and event.asset_materialization else None
-    return entry.value if entry is not None else None
+    if event is None or event.asset_materialization is None:
+        return None
+    return {key: entry.value for key, entry in event.asset_materialization.metadata.items()}
+
+
+def floor_verdict(accuracy: float | None, floor: float, index: dict | None) -> tuple[bool, str]:
+    """Whether a model may reach the index, and why. A model without a test split (too few
+    patients) is unmeasured: it may build the first index, or replace an unmeasured one, never
+    an index built from a measured model unless the floor is 0."""
+    if floor <= 0:
+        return True, "the accuracy floor is 0: the gate is off"
+    if accuracy is not None:
+        verdict = "reaches" if accuracy >= floor else "is below"
+        return accuracy >= floor, f"test accuracy {accuracy:.4f} {verdict} the floor {floor}"
+    if index is None or index.get("model_measured") is False:
+        return True, "unmeasured (no test split): indexed, as no index of a measured model exists"
+    return False, (
+        f"unmeasured (no test split): the index keeps the measured model {index.get('model_version')}; "
+        "set accuracy_floor to 0 (run --accuracy-floor 0) to index this model anyway"
+    )
 
 
 ACCURACY_FLOOR = "test_accuracy_floor"
@@ -99,7 +118,9 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
     if train["label"].nunique() < 2:
         context.log.warning(f"the training split holds one class only {train['label'].value_counts().to_dict()}")
     network = config.network()
-    settings = config.training()
+    settings, small_data = fit_to_data(config.training(), len(train))
+    if small_data:
+        context.log.warning(small_data)
 
     def progress(stats: EpochStats) -> None:
         validation = f", val acc {stats.val_accuracy:.3f}" if stats.val_accuracy is not None else ""
@@ -121,16 +142,18 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
         "model_version": version,
         "data_version": table_fingerprint(roi_dataset),
         "split": {
-            "mode": upstream_metadata(context, "roi_dataset", "split_mode"),
+            "mode": (latest_metadata(context, "roi_dataset") or {}).get("split_mode"),
             "train_rois": len(train),
             "test_rois": len(test),
             "train_patients": sorted(train["patient_id"].unique().tolist()),
             "test_patients": sorted(test["patient_id"].unique().tolist()),
         },
         "test_metrics": metrics,
+        "measured": bool(metrics),
         "code_health": health,
         "network": network.to_dict(),
         "training": settings.to_dict(),
+        "small_data": small_data,
         "selected_epoch": model.selected_epoch,
         "epochs_run": len(model.history),
         "device": model.device,
@@ -154,6 +177,8 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
             "seconds": card["seconds"],
             "model_size_mb": round(size_mb, 2),
             "selected_epoch": model.selected_epoch,
+            "measured": bool(metrics),
+            **({"small_data": small_data} if small_data else {}),
             **{f"codes_{name}": value for name, value in health.items() if value is not None},
             "curves": MetadataValue.md(markdown_image(curve, "loss and accuracy per epoch")),
             "card": MetadataValue.json(card),
@@ -161,22 +186,17 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
         },
     )
     accuracy = metrics.get("accuracy")
-    passed = config.accuracy_floor <= 0 or (accuracy is not None and accuracy >= config.accuracy_floor)
-    if not passed:
-        context.log.error(
-            f"model {version}: test accuracy {accuracy if accuracy is not None else 'unmeasured (no test split)'} "
-            f"is below the floor {config.accuracy_floor}; the index keeps the model it was built with"
-        )
+    passed, verdict = floor_verdict(accuracy, config.accuracy_floor, latest_metadata(context, "hash_index"))
+    (context.log.info if passed else context.log.error)(f"model {version}: {verdict}")
     yield AssetCheckResult(
         check_name=ACCURACY_FLOOR,
         passed=passed,
         metadata={
             "test_accuracy": float(accuracy) if accuracy is not None else -1.0,
+            "measured": accuracy is not None,
             "floor": config.accuracy_floor,
             "test_rois": len(test),
             "model_version": version,
         },
-        description=None
-        if accuracy is not None
-        else "no test split to measure the model on: it cannot reach the index",
+        description=verdict,
     )

@@ -1,6 +1,7 @@
 """``lidc_scan``: a patient's CT series found, validated and loaded as HU volumes."""
 
 import time
+from collections import Counter
 
 from dagster import AssetExecutionContext, MetadataValue, asset
 
@@ -17,14 +18,26 @@ SOURCE_FINGERPRINT = "source_fingerprint"
 
 @asset(partitions_def=patients_partitions, group_name="ingestion", code_version="2", kinds={"dicom", "numpy"})
 def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[CtSeries]:
-    """Every CT series of the patient (TCIA layout) with its LIDC XML annotations, validated:
-    readable slices, one series per folder, no missing or duplicate slices, annotations on
-    slices of the series. Stored as zstd-compressed int16 volumes plus JSON; only technical DICOM
-    attributes are read, and UIDs, readers and paths are pseudonymised when pseudonyms are on."""
+    """Every CT series of the patient (TCIA layouts) with its LIDC XML annotations, validated:
+    readable slices, one series per folder, no missing slices, annotations on slices of the
+    series. Other series (radiographs, SEG, SR) are skipped and listed; slices sharing a z keep
+    the lower InstanceNumber, as in pylidc, and are listed too. Stored as zstd-compressed int16
+    volumes plus JSON; only technical DICOM attributes are read, and UIDs, readers and paths are
+    pseudonymised when pseudonyms are on."""
     patient_id = context.partition_key
     started = time.perf_counter()
     patient_dir = scan_source.patient_dir(patient_id)  # under pseudonyms a look through the scan root: once
-    series_list = [load_series(folder, patient_id) for folder in find_series_folders(patient_dir, patient_id)]
+    found = find_series_folders(patient_dir, patient_id)
+    for skipped in found.skipped:
+        where = privacy.shown_path(skipped.folder)
+        context.log.info(f"{patient_id}: skipped a {skipped.modality} series ({skipped.files} files), not CT: {where}")
+    series_list = [load_series(folder, patient_id) for folder in found.ct_folders]
+    duplicates = [d for s in series_list for d in s.duplicate_slices]
+    for duplicate in duplicates:
+        context.log.warning(f"{patient_id}: {duplicate.describe()}")
+    ignored_xml = [privacy.shown_path(path) for s in series_list for path in s.annotations.ignored_files]
+    for path in ignored_xml:
+        context.log.info(f"{patient_id}: {path} is a radiograph reading (IdriReadMessage), not a CT read: ignored")
     pseudonymiser = privacy.active()
     if pseudonymiser:
         series_list = [series.pseudonymised(pseudonymiser) for series in series_list]
@@ -37,6 +50,12 @@ def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[C
             "spacing_mm": MetadataValue.json({s.series_uid: list(s.spacing_mm) for s in series_list}),
             "annotations": sum(len(s.annotations.annotations) for s in series_list),
             "annotation_files": MetadataValue.json([str(s.annotations.xml_path) for s in series_list]),
+            "skipped_series": len(found.skipped),
+            "skipped_by_modality": MetadataValue.json(dict(Counter(s.modality for s in found.skipped))),
+            "skipped_series_list": MetadataValue.json([s.to_dict() for s in found.skipped]),
+            "duplicate_slices_resolved": len(duplicates),
+            "duplicate_slices": MetadataValue.json([d.to_dict() for d in duplicates]),
+            "ignored_reading_files": MetadataValue.json(ignored_xml),
             "volume_mb": round(sum(s.hu.nbytes for s in series_list) / 2**20, 1),
             "source": MetadataValue.path(privacy.shown_path(patient_dir)),
             SOURCE_FINGERPRINT: content_fingerprint(patient_dir),

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from nodule_pipeline.benchmarks import environment
+from nodule_pipeline.lidc.layout import find_patient_folders
 
 STAGES = ("load", "mask", "rois")
 TIME_RATIO_TARGET = 3.0
@@ -81,7 +82,7 @@ def run_ingest_benchmark(
         raise ValueError(f"repeat must be at least 1, got {repeat}")
     say = progress or (lambda _line: None)
     if patients is None:
-        patients = sorted(p.name for p in lidc_root.iterdir() if p.is_dir() and next(p.rglob("*.dcm"), None))
+        patients = sorted(find_patient_folders(lidc_root))
     patients = list(patients)
     if not patients:
         raise ValueError(f"no patient folders with DICOM files under {lidc_root}")

@@ -22,6 +22,7 @@ from nodule_pipeline.benchmarks import environment
 from nodule_pipeline.benchmarks.ingest import run_ingest_benchmark
 from nodule_pipeline.benchmarks.search import QUICK_SIZES, SIZES, run_search_benchmark
 from nodule_pipeline.benchmarks.train import run_train_benchmark, synthetic_roi_table
+from nodule_pipeline.lidc.layout import find_patient_folders
 from nodule_pipeline.storage import atomic_write
 
 LIDC_SCANS = 1018
@@ -42,7 +43,8 @@ def measure_storage(lidc_root: Path, patient_id: str) -> dict[str, float]:
     from nodule_pipeline.lidc.series import find_series_folders, load_series, save_scan
     from nodule_pipeline.roi_table import write_roi_table
 
-    series = [load_series(folder, patient_id) for folder in find_series_folders(lidc_root / patient_id, patient_id)]
+    found = find_series_folders(lidc_root / patient_id, patient_id)
+    series = [load_series(folder, patient_id) for folder in found.ct_folders]
     slices = sum(s.shape[2] for s in series)
     dicom_bytes = sum(p.stat().st_size for p in (lidc_root / patient_id).rglob("*.dcm"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,7 +172,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run everything, write ``out/bench.json`` and ``out/bench.md``, return the figures."""
     started = time.perf_counter()
-    patients = sorted(p.name for p in lidc_root.iterdir() if p.is_dir() and next(p.rglob("*.dcm"), None))
+    patients = sorted(find_patient_folders(lidc_root))
     bench: dict[str, Any] = {"quick": quick, "machine": machine()}
     progress("== ingestion (real LIDC scans) vs pylidc to_volume()")
     bench["ingest"] = run_ingest_benchmark(lidc_root, repeat=2 if quick else 3, progress=progress)

@@ -30,6 +30,11 @@ class ModelArtefact:
     def model_version(self) -> str:
         return str(self.card["model_version"])
 
+    @property
+    def measured(self) -> bool:
+        """Whether the model was measured on a test split (a data set too small has none)."""
+        return bool(self.card.get("test_metrics"))
+
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """Content hash (16 hex digits) of the weights: the model version every index records."""

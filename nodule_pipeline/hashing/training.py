@@ -46,6 +46,10 @@ RECIPES = ("default", "paper")
 """``default``: the recipe chosen on real nodules; ``paper``: cross-entropy only, as Hao et al. trained."""
 MIN_VALIDATION_PATIENTS = 5
 """Below this many validation patients (fraction x training patients) there is no validation split."""
+MIN_TRAINING_ROIS = 100
+"""Fewer training ROIs than this (a dozen LIDC patients) teach the network nothing it can search
+by: such a model is trained briefly, as a placeholder (see :func:`fit_to_data`)."""
+PLACEHOLDER_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,21 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}")
         return cls(**{**asdict(cls.paper()), **data})
+
+
+def fit_to_data(config: TrainConfig, training_rois: int) -> tuple[TrainConfig, str | None]:
+    """The config to train ``training_rois`` ROIs with, and why it differs, if it does: below
+    :data:`MIN_TRAINING_ROIS` the full schedule would only memorise a handful of ROIs, so the
+    model gets :data:`PLACEHOLDER_EPOCHS` epochs, enough for an index to search until more
+    patients arrive and it is retrained."""
+    if training_rois >= MIN_TRAINING_ROIS or config.epochs <= PLACEHOLDER_EPOCHS:
+        return config, None
+    note = (
+        f"only {training_rois} training ROIs, fewer than the {MIN_TRAINING_ROIS} a model needs to learn from: "
+        f"trained {PLACEHOLDER_EPOCHS} epochs instead of {config.epochs}, a placeholder to search with; "
+        f"retrain once {MIN_TRAINING_ROIS} ROIs have arrived"
+    )
+    return replace(config, epochs=PLACEHOLDER_EPOCHS), note
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ readers' annotations the way pylidc does, so both agree on what "one nodule" is.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,10 @@ RATING_RANGES = {name: (1, 6) if name == "calcification" else (1, 5) for name in
 
 MAX_COORDINATE = 65535
 """Largest pixel index any DICOM image can have (rows and columns are 16-bit)."""
+
+OTHER_READ_SCHEMAS = ("IdriReadMessage",)
+"""Root elements of reading files that are not CT nodule reads: LIDC-IDRI's chest-radiograph
+reads. Recognised and ignored; any other root in a CT series folder is an error."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class SeriesAnnotations:
     xml_path: Path | None
     series_uid: str | None
     annotations: tuple[Annotation, ...]
+    ignored_files: tuple[Path, ...] = ()
+    """Reading files of another schema in the folder (radiograph reads), not used."""
 
 
 def _local(tag: str) -> str:
@@ -123,14 +129,9 @@ def _parse_contour(roi: ET.Element, where: str) -> Contour:
     )
 
 
-def parse_lidc_xml(xml_path: Path, patient_id: str | None = None) -> SeriesAnnotations:
-    """Read the rated nodule annotations (nodules >= 3 mm) of one LIDC XML file.
-
-    Small nodules (< 3 mm, no characteristics) and non-nodules are not rated and are skipped,
-    as in pylidc. A malformed file raises :class:`InputDataError` naming the file.
-    """
+def _read_xml_root(xml_path: Path, patient_id: str | None) -> ET.Element:
     try:
-        root = ET.parse(xml_path).getroot()
+        return ET.parse(xml_path).getroot()
     except (ET.ParseError, LookupError, ValueError) as error:  # LookupError, ValueError: an unusable encoding
         raise InputDataError(f"malformed LIDC XML ({error})", patient_id=patient_id, path=xml_path) from None
     except OSError as error:
@@ -139,6 +140,18 @@ def parse_lidc_xml(xml_path: Path, patient_id: str | None = None) -> SeriesAnnot
             patient_id=patient_id,
             path=xml_path,
         ) from None
+
+
+def parse_lidc_xml(xml_path: Path, patient_id: str | None = None) -> SeriesAnnotations:
+    """Read the rated nodule annotations (nodules >= 3 mm) of one LIDC XML file.
+
+    Small nodules (< 3 mm, no characteristics) and non-nodules are not rated and are skipped,
+    as in pylidc. A malformed file raises :class:`InputDataError` naming the file.
+    """
+    return _parse_read_message(_read_xml_root(xml_path, patient_id), xml_path, patient_id)
+
+
+def _parse_read_message(root: ET.Element, xml_path: Path, patient_id: str | None) -> SeriesAnnotations:
     if _local(root.tag) != "LidcReadMessage":
         raise InputDataError(
             f"not an LIDC read message (root element {_local(root.tag)!r})",
@@ -186,11 +199,17 @@ def find_series_xml(series_dir: Path, series_uid: str, patient_id: str | None = 
     """The annotations for ``series_uid`` from the LIDC XML files in its folder.
 
     A folder without an LIDC XML has no annotations yet (zero ROIs, not an error); an XML that
-    names another series is ignored; two XML files for the same series are an error.
+    names another series is ignored, and so is a reading of another schema (a radiograph read,
+    listed in ``ignored_files``); two XML files for the same series are an error.
     """
     matches: list[SeriesAnnotations] = []
+    ignored: list[Path] = []
     for xml_path in sorted(series_dir.glob("*.xml")):
-        parsed = parse_lidc_xml(xml_path, patient_id)
+        root = _read_xml_root(xml_path, patient_id)
+        if _local(root.tag) in OTHER_READ_SCHEMAS:
+            ignored.append(xml_path)
+            continue
+        parsed = _parse_read_message(root, xml_path, patient_id)
         if parsed.series_uid in (None, series_uid):
             matches.append(parsed)
     if len(matches) > 1:
@@ -200,7 +219,8 @@ def find_series_xml(series_dir: Path, series_uid: str, patient_id: str | None = 
             patient_id=patient_id,
             path=series_dir,
         )
-    return matches[0] if matches else SeriesAnnotations(xml_path=None, series_uid=series_uid, annotations=())
+    found = matches[0] if matches else SeriesAnnotations(xml_path=None, series_uid=series_uid, annotations=())
+    return replace(found, ignored_files=tuple(ignored))
 
 
 def contour_voxels(annotation: Annotation, slice_z_mm: np.ndarray) -> np.ndarray:
@@ -251,6 +271,7 @@ def annotations_to_dict(series: SeriesAnnotations) -> dict:
     return {
         "xml_path": str(series.xml_path) if series.xml_path else None,
         "series_uid": series.series_uid,
+        "ignored_files": [str(path) for path in series.ignored_files],
         "annotations": [
             {
                 "annotation_id": a.annotation_id,
@@ -271,6 +292,7 @@ def annotations_from_dict(data: dict) -> SeriesAnnotations:
     return SeriesAnnotations(
         xml_path=Path(data["xml_path"]) if data["xml_path"] else None,
         series_uid=data["series_uid"],
+        ignored_files=tuple(Path(path) for path in data.get("ignored_files", ())),
         annotations=tuple(
             Annotation(
                 annotation_id=a["annotation_id"],

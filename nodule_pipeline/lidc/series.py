@@ -12,7 +12,7 @@ import struct
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,14 @@ from nodule_pipeline.lidc.annotations import (
     annotations_to_dict,
     find_series_xml,
 )
-from nodule_pipeline.privacy import DICOM_ATTRIBUTES_READ, Pseudonymiser, scrub_paths, shown_name, shown_uid
+from nodule_pipeline.privacy import (
+    DICOM_ATTRIBUTES_READ,
+    Pseudonymiser,
+    scrub_paths,
+    shown_name,
+    shown_path,
+    shown_uid,
+)
 from nodule_pipeline.storage import reads_folder, replace_dir
 
 VOLUME_ZSTD_LEVEL = 1
@@ -64,6 +71,58 @@ on converting an element's value, which it does lazily, on first access of that 
 
 
 @dataclass(frozen=True)
+class DuplicateSlice:
+    """Two slices of a series at one z (pylidc issue #7): the one with the lower InstanceNumber is
+    kept, as pylidc keeps it, whether or not the pixels are the same. File names as shown."""
+
+    z_mm: float
+    kept: str
+    dropped: str
+    kept_instance: int | None
+    dropped_instance: int | None
+    identical_pixels: bool
+
+    @property
+    def rule(self) -> str:
+        pixels = "identical pixels" if self.identical_pixels else "different pixels"
+        return f"same z, {pixels}: kept the lower InstanceNumber (pylidc's rule)"
+
+    def describe(self) -> str:
+        return (
+            f"duplicate slice at z={self.z_mm:.2f} mm: kept {self.kept} (InstanceNumber {self.kept_instance}), "
+            f"dropped {self.dropped} (InstanceNumber {self.dropped_instance}); {self.rule}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rule": self.rule}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DuplicateSlice:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class SkippedSeries:
+    """A series folder of a kind the pipeline does not use: a chest radiograph (CR, DX), a
+    segmentation or report object (SEG, SR), anything whose Modality is not CT."""
+
+    folder: Path
+    modality: str
+    files: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modality": self.modality, "folder": shown_path(self.folder), "files": self.files}
+
+
+@dataclass(frozen=True)
+class PatientSeries:
+    """A patient folder's series folders: the CT ones to ingest, and the others, skipped."""
+
+    ct_folders: list[Path]
+    skipped: list[SkippedSeries]
+
+
+@dataclass(frozen=True)
 class CtSeries:
     """One validated CT series: HU volume (rows, cols, slices ascending in z) plus geometry."""
 
@@ -77,6 +136,8 @@ class CtSeries:
     sop_uids: tuple[str, ...]
     annotations: SeriesAnnotations
     hu: np.ndarray = field(repr=False)
+    duplicate_slices: tuple[DuplicateSlice, ...] = ()
+    """Slices that shared a z with another and were dropped (see :func:`load_series`)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -125,14 +186,17 @@ class CtSeries:
             annotations=replace(
                 notes,
                 xml_path=Path(pseudonymiser.path(notes.xml_path)) if notes.xml_path else None,
+                ignored_files=tuple(Path(pseudonymiser.path(path)) for path in notes.ignored_files),
                 series_uid=pseudonymiser.uid(notes.series_uid) if notes.series_uid else None,
                 annotations=tuple(annotation(a) for a in notes.annotations),
             ),
         )
 
 
-def find_series_folders(patient_dir: Path, patient_id: str) -> list[Path]:
-    """Every folder under a patient that holds DICOM files (one per series in TCIA layout)."""
+def find_series_folders(patient_dir: Path, patient_id: str) -> PatientSeries:
+    """Every folder under a patient that holds DICOM files (one per series), sorted into CT
+    series and the others (radiographs, segmentations), told apart by the Modality of one file.
+    A patient without any CT series is an error that names what was found instead."""
     if not patient_dir.is_dir():
         raise InputDataError("patient folder not found", patient_id=patient_id, path=patient_dir)
     folders = sorted({path.parent for path in patient_dir.rglob("*.dcm")})
@@ -142,7 +206,20 @@ def find_series_folders(patient_dir: Path, patient_id: str) -> list[Path]:
             patient_id=patient_id,
             path=patient_dir,
         )
-    return folders
+    ct_folders, skipped = [], []
+    for folder in folders:
+        files = sorted(folder.glob("*.dcm"))
+        modality = str(_required(_read_header(files[0], patient_id), "Modality", files[0], patient_id))
+        if modality == "CT":
+            ct_folders.append(folder)
+        else:
+            skipped.append(SkippedSeries(folder, modality, len(files)))
+    if not ct_folders:
+        found = ", ".join(f"{s.modality} ({s.files} files)" for s in skipped)
+        raise InputDataError(
+            f"no CT series under the patient folder, only {found}", patient_id=patient_id, path=patient_dir
+        )
+    return PatientSeries(ct_folders, skipped)
 
 
 def _read_header(path: Path, patient_id: str) -> pydicom.Dataset:
@@ -215,6 +292,16 @@ class _SliceHeader:
     orientation: tuple[float, ...] | None
     sop_uid: str
     study_uid: str
+    instance_number: int | None
+
+
+def _instance_number(ds: pydicom.Dataset) -> int | None:
+    """InstanceNumber, or None when absent or unreadable: it only decides between duplicate slices."""
+    try:
+        value = ds.get("InstanceNumber")
+        return None if value is None or value == "" else int(value)
+    except _DICOM_ERRORS:
+        return None
 
 
 def _slice_header(ds: pydicom.Dataset, path: Path, patient_id: str) -> _SliceHeader:
@@ -230,6 +317,7 @@ def _slice_header(ds: pydicom.Dataset, path: Path, patient_id: str) -> _SliceHea
         orientation=_required(ds, "ImageOrientationPatient", path, patient_id, _numbers(6), default=()) or None,
         sop_uid=_required(ds, "SOPInstanceUID", path, patient_id),
         study_uid=_required(ds, "StudyInstanceUID", path, patient_id, default=""),
+        instance_number=_instance_number(ds),
     )
 
 
@@ -252,7 +340,8 @@ def _show(value: tuple | None) -> str:
 
 
 def _check_uniform_spacing(z: np.ndarray, files: list[Path], patient_id: str, folder: Path) -> float:
-    """Slice spacing of the series; a gap larger than 1.5 steps means slices are missing."""
+    """Slice spacing of the series (z ascending, no duplicates); a gap larger than 1.5 steps
+    means slices are missing."""
     if len(z) < 2:
         raise InputDataError(
             f"a CT series needs at least 2 slices, found {len(z)}",
@@ -260,14 +349,6 @@ def _check_uniform_spacing(z: np.ndarray, files: list[Path], patient_id: str, fo
             path=folder,
         )
     steps = np.diff(z)
-    duplicates = np.flatnonzero(steps < Z_TOLERANCE_MM)
-    if len(duplicates):
-        i = int(duplicates[0])
-        raise InputDataError(
-            f"duplicate slice at z={z[i]:.2f} mm ({shown_name(files[i])} and {shown_name(files[i + 1])})",
-            patient_id=patient_id,
-            path=folder,
-        )
     step = float(np.median(steps))
     gaps = np.flatnonzero(steps > 1.5 * step)
     if len(gaps):
@@ -313,6 +394,60 @@ def _check_annotations_fit(
                     patient_id=patient_id,
                     path=series.xml_path,
                 )
+
+
+def _resolve_duplicate_slices(
+    values: list[_SliceHeader], headers: list[pydicom.Dataset], files: list[Path]
+) -> tuple[list[int], list[DuplicateSlice], dict[str, str]]:
+    """One slice per z, chosen as pylidc chooses: the lower InstanceNumber (a missing number
+    loses, then the first file by name). Takes the slices in z order; returns the positions kept,
+    what was dropped, and each dropped slice's SOP UID -> the kept slice's."""
+    keep: list[int] = []
+    dropped: list[DuplicateSlice] = []
+    aliases: dict[str, str] = {}
+    start = 0
+    for stop in range(1, len(values) + 1):
+        if stop < len(values) and values[stop].position[2] - values[start].position[2] < Z_TOLERANCE_MM:
+            continue
+        group = range(start, stop)
+        winner = min(group, key=lambda i: (values[i].instance_number is None, values[i].instance_number or 0))
+        keep.append(winner)
+        for i in group:
+            if i == winner:
+                continue
+            aliases[values[i].sop_uid] = values[winner].sop_uid
+            dropped.append(
+                DuplicateSlice(
+                    z_mm=values[i].position[2],
+                    kept=shown_name(files[winner]),
+                    dropped=shown_name(files[i]),
+                    kept_instance=values[winner].instance_number,
+                    dropped_instance=values[i].instance_number,
+                    identical_pixels=_same_pixels(headers[winner], headers[i]),
+                )
+            )
+        start = stop
+    return keep, dropped, aliases
+
+
+def _same_pixels(a: pydicom.Dataset, b: pydicom.Dataset) -> bool:
+    """The same stored pixels and rescale, so the same HU (read for duplicates only)."""
+    try:
+        return a.PixelData == b.PixelData and all(a.get(k) == b.get(k) for k in ("RescaleSlope", "RescaleIntercept"))
+    except _DICOM_ERRORS:
+        return False
+
+
+def _point_to_kept_slices(series: SeriesAnnotations, aliases: dict[str, str]) -> SeriesAnnotations:
+    """Contours drawn on a dropped duplicate slice now name the slice kept at that z."""
+    if not aliases:
+        return series
+
+    def moved(annotation: Annotation) -> Annotation:
+        contours = tuple(replace(c, sop_uid=aliases.get(c.sop_uid, c.sop_uid)) for c in annotation.contours)
+        return replace(annotation, contours=contours)
+
+    return replace(series, annotations=tuple(moved(a) for a in series.annotations))
 
 
 def _rescale(value: Any) -> float:
@@ -389,14 +524,16 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
             )
 
     first = values[0]
+    order = np.argsort([v.position[2] for v in values], kind="stable")
+    values, headers, files = [values[i] for i in order], [headers[i] for i in order], [files[i] for i in order]
+    keep, duplicate_slices, aliases = _resolve_duplicate_slices(values, headers, files)
+    values, headers, files = [values[i] for i in keep], [headers[i] for i in keep], [files[i] for i in keep]
     z = np.array([v.position[2] for v in values])
-    order = np.argsort(z, kind="stable")
-    z, headers, files = z[order], [headers[i] for i in order], [files[i] for i in order]
     slice_step = _check_uniform_spacing(z, files, patient_id, folder)
 
     series_uid = next(iter(series_uids))
-    sop_uids = tuple(values[i].sop_uid for i in order)
-    annotations = find_series_xml(folder, series_uid, patient_id)
+    sop_uids = tuple(v.sop_uid for v in values)
+    annotations = _point_to_kept_slices(find_series_xml(folder, series_uid, patient_id), aliases)
     _check_annotations_fit(annotations, z, sop_uids, (rows, cols), patient_id)
 
     # Slices are converted a block at a time into a contiguous (block, rows, cols) buffer and then
@@ -423,6 +560,7 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
         sop_uids=sop_uids,
         annotations=annotations,
         hu=hu,
+        duplicate_slices=tuple(duplicate_slices),
     )
 
 
@@ -470,6 +608,7 @@ def save_scan(series_list: list[CtSeries], folder: Path) -> None:
                     "origin_mm": list(series.origin_mm),
                     "sop_uids": list(series.sop_uids),
                     "annotations": annotations_to_dict(series.annotations),
+                    "duplicate_slices": [d.to_dict() for d in series.duplicate_slices],
                 }
             )
         (tmp / "scan.json").write_text(json.dumps({"format": SCAN_FORMAT, "series": manifest}))
@@ -630,6 +769,7 @@ def open_scan(folder: Path, lazy: bool = False) -> list[CtSeries]:
             sop_uids=tuple(item["sop_uids"]),
             annotations=annotations_from_dict(item["annotations"]),
             hu=volume(item),
+            duplicate_slices=tuple(DuplicateSlice.from_dict(d) for d in item.get("duplicate_slices", ())),
         )
         for item in manifest["series"]
     ]
