@@ -19,9 +19,9 @@ from dagster import (
 )
 from dagster_shared.error import SerializableErrorInfo
 
-from nodule_pipeline.assets.scans import SOURCE_FINGERPRINT
-
 CODE_VERSION_TAG = "dagster/code_version"
+SOURCE_FINGERPRINT = "source_fingerprint"
+"""Content hash of the patient folder ingested: how the new-scan sensor knows a delivery is not new."""
 
 
 def latest_record(instance: DagsterInstance, asset_name: str, partition: str | None = None) -> EventLogRecord | None:

@@ -102,7 +102,9 @@ class ScanSource(ConfigurableResource):
             return Path(self.root) / patient_id  # the common layout, without a look through the root
         folders = self.patient_folders()
         if patient_id not in folders:
-            raise InputDataError("no patient folder with DICOM files under the scan root", patient_id=patient_id)
+            raise InputDataError(
+                "no patient folder with DICOM files under the scan root", patient_id=patient_id, path=self.root
+            )
         return folders[patient_id]
 
     def list_patients(self) -> list[str]:

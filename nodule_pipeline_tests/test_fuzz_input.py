@@ -10,8 +10,8 @@ elements, another namespace, ratings out of range, unknown images, empty, binary
 entity bombs) or the series itself (a slice removed or doubled, a second XML, a folder or a
 dangling link named *.dcm). Each case must load (some corruptions are harmless) or raise
 ``InputDataError`` naming the patient and the corrupted file -- or, for series-level faults
-(missing or duplicate slices, two series), the series folder; annotations that no longer fit the
-images may name the XML. A case that hangs or runs past ``CASE_LIMIT_S`` fails.
+(missing slices, two series), the series folder (a doubled slice is resolved as pylidc does);
+annotations that no longer fit the images may name the XML. A case that hangs or runs past ``CASE_LIMIT_S`` fails.
 
 A few corrupted patients also go through the ``ingest_patient`` job beside a good one: each run
 fails with the clear error, stores nothing, and the good patient's artefacts stay byte-identical.
@@ -698,7 +698,7 @@ def pipeline_corruptions(source: Source) -> dict[str, Corruption]:
         "BAD-TRUNCATED": _rewrite(BYTES, "cut inside the header", source.slices[40], lambda data: data[:700]),
         "BAD-FIRST-SLICE": _edit_header("Rows = 256", source.slices[0], _set("Rows", 256)),
         "BAD-SLOPE": _edit_header("RescaleSlope 'abc'", source.slices[20], _set_raw("RescaleSlope", "UN", b"abc")),
-        "BAD-DUPLICATE": Corruption(SERIES, "a slice twice", "copy.dcm", _copy_as(source.slices[30], "copy.dcm")),
+        "BAD-MIXED-MODALITY": _edit_header("Modality = MR", source.slices[30], _set("Modality", "MR")),
         "BAD-NAN-Z": _xml_text("imageZposition NaN", lambda t: t[: roi[0]] + "NaN" + t[roi[1] :]),
     }
 

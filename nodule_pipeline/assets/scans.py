@@ -7,13 +7,11 @@ from dagster import AssetExecutionContext, MetadataValue, asset
 
 from nodule_pipeline import privacy
 from nodule_pipeline.arrivals import content_fingerprint
+from nodule_pipeline.currency import SOURCE_FINGERPRINT
 from nodule_pipeline.lidc.series import CtSeries, find_series_folders, load_series
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.pictures import markdown_image, mask_overlay
 from nodule_pipeline.resources import ScanSource
-
-SOURCE_FINGERPRINT = "source_fingerprint"
-"""Content hash of the patient folder ingested: how the new-scan sensor knows a delivery is not new."""
 
 
 @asset(partitions_def=patients_partitions, group_name="ingestion", code_version="2", kinds={"dicom", "numpy"})
