@@ -31,7 +31,7 @@ def _print_summary(summary, data_dir: Path) -> None:
             f"split {dataset.get('split_mode')}: " + ", ".join(f"{key}={value}" for key, value in sorted(sides.items()))
         )
     if "no_test_split" in dataset:
-        print(f"  {dataset['test_split_note']}")
+        print(f"  {dataset['no_test_split']}")
     model = summary.library_metadata.get("hash_model", {})
     if model:
         measured = (
