@@ -139,18 +139,21 @@ def _triple(text: str, option: str) -> tuple[float, ...]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """The k most similar known nodules to a query ROI or to a nodule in a DICOM series. The query
-    is read and checked before the library is loaded, so a bad one fails at once."""
+    """The k most similar known nodules to a query ROI, a library nodule or a nodule in a DICOM
+    series. The query is read and checked before the library is loaded, so a bad one fails at once."""
     import json
 
     from nodule_pipeline.hashing.searcher import NoduleSearcher, load_query_roi
     from nodule_pipeline.pictures import search_results
 
     positions = (args.at, args.at_mm)
-    if args.roi is not None and (args.dicom is not None or positions != (None, None)):
-        raise InputDataError("give either --roi FILE or --dicom DIR with a position, not both")
-    if args.roi is None and (args.dicom is None or positions == (None, None)):
-        raise InputDataError("give --roi FILE, or --dicom DIR with --at I,J,K or --at-mm X,Y,Z")
+    given = [args.roi is not None, args.nodule is not None, args.dicom is not None or positions != (None, None)]
+    if sum(given) > 1:
+        raise InputDataError("give one query, not both: --roi FILE, --nodule ID or --dicom DIR with a position")
+    if not (given[0] or given[1]) and (args.dicom is None or positions == (None, None)):
+        raise InputDataError("give --roi FILE, or --dicom DIR with --at I,J,K or --at-mm X,Y,Z, or --nodule ID")
+    if args.nodule is not None and args.exclude_patient is not None:
+        raise InputDataError("--nodule leaves out the nodule's own patient; --exclude-patient does not apply")
     query = load_query_roi(Path(args.roi)) if args.roi is not None else None
     voxel = _triple(args.at, "--at") if args.at is not None else None
     position = _triple(args.at_mm, "--at-mm") if args.at_mm is not None else None
@@ -158,6 +161,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     options = {"k": args.k, "mode": args.mode, "exclude_patient": args.exclude_patient}
     if query is not None:
         response = searcher.search_roi(query, source=args.roi, **options)
+    elif args.nodule is not None:
+        response = searcher.search_nodule(args.nodule, k=args.k, mode=args.mode)
     else:
         response = searcher.search_dicom(Path(args.dicom), voxel=voxel, position_mm=position, **options)
     hits = response.hits
@@ -318,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="find the most similar known nodules")
     search.add_argument("--roi", help="query ROI: 32x32 .npy in HU, or a lung-window .png")
+    search.add_argument("--nodule", help="query a library nodule by id (its own patient left out)")
     search.add_argument("--dicom", help="query DICOM series folder")
     search.add_argument("--at", help="nodule voxel in the series: row,col,slice (slice in ascending z)")
     search.add_argument("--at-mm", help="nodule position in patient coordinates: x,y,z in mm")
