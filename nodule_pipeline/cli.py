@@ -1,4 +1,4 @@
-"""``nodule-pipeline``: the user-facing command (demo data, runs, exports, the UI)."""
+"""``nodule-pipeline``: the user-facing command (demo data, runs, exports, search, the UI, the search page)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from nodule_pipeline.benchmarks.ingest import DEFAULT_ROOT
 from nodule_pipeline.errors import InputDataError
 
 DEFAULT_DEMO_PATIENTS = 24
+DAGSTER_URL_ENV = "NODULE_PIPELINE_DAGSTER_URL"
 
 
 def _print_summary(summary, data_dir: Path) -> None:
@@ -262,6 +263,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the search page and its JSON API for the index under ``--data-dir`` (127.0.0.1 by default)."""
+    import uvicorn
+
+    from nodule_pipeline.serve.app import create_app
+
+    data_dir = Path(args.data_dir).resolve()
+    print(f"search page: http://{args.host}:{args.port}/  (API: /openapi.json; library {data_dir})", flush=True)
+    uvicorn.run(create_app(data_dir, dagster_url=args.dagster_url), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options of a pipeline run: training, report, and whether to redo what is current."""
     parser.add_argument(
@@ -369,6 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
+
+    serve = commands.add_parser("serve", help="the similar-nodule search page and its JSON API")
+    serve.add_argument("--data-dir", default="data")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--dagster-url",
+        default=os.environ.get(DAGSTER_URL_ENV),
+        help=f"the Dagster UI's address, for links to the index and model (default: ${DAGSTER_URL_ENV})",
+    )
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -68,7 +68,9 @@ def check_query_image(image: np.ndarray, source: str) -> np.ndarray:
     try:
         array = np.asarray(image)
     except ValueError:  # nested lists of unequal lengths
-        raise InputDataError("query ROI must be a 32x32 grid of numbers; its rows differ in length", path=source) from None
+        raise InputDataError(
+            "query ROI must be a 32x32 grid of numbers; its rows differ in length", path=source
+        ) from None
     if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise InputDataError(f"query ROI must hold real numbers (HU), got dtype {array.dtype}", path=source)
     if array.size == ROI_SIZE * ROI_SIZE and (array.ndim == 1 or array.squeeze().shape == (ROI_SIZE, ROI_SIZE)):
@@ -181,6 +183,10 @@ def check_position(values: object, voxel: bool, source: str) -> tuple:
     return tuple(float(v) for v in parts)
 
 
+class UnknownNoduleError(InputDataError):
+    """A nodule id the index does not hold."""
+
+
 class NoduleSearcher:
     """A trained hashing model and the index built with it."""
 
@@ -256,19 +262,24 @@ class NoduleSearcher:
     def nodule_rows(self, nodule_id: str) -> np.ndarray:
         """The index rows of a library nodule (one per reader annotation), by annotation id where
         the items have one; an unknown nodule is a clear error."""
-        rows = self._rows_by_nodule().get(nodule_id) if isinstance(nodule_id, str) else None
+        rows = self.rows_by_nodule().get(nodule_id) if isinstance(nodule_id, str) else None
         if rows is None:
-            raise InputDataError(
+            raise UnknownNoduleError(
                 f"unknown nodule {nodule_id!r}: index {self.index.index_version} holds no nodule of that id"
             )
         return rows
 
-    def _rows_by_nodule(self) -> dict[str, np.ndarray]:
+    def rows_by_nodule(self) -> dict[str, np.ndarray]:
+        """Every library nodule's index rows, each ordered by annotation id (the first is the
+        annotation a search by the nodule uses); built once per searcher."""
         if self._nodule_rows is None:
-            items = self.index.items
-            order = items.sort_values([c for c in TIE_KEY_COLUMNS if c in items.columns], kind="stable").index
+            columns = [c for c in TIE_KEY_COLUMNS if c in self.index.items.columns]
+            keys = self.index.items[columns].astype(str).reset_index(drop=True)
+            ordered = keys.sort_values(columns, kind="stable")
+            rows = ordered.index.to_numpy()
             self._nodule_rows = {
-                str(nodule): np.asarray(rows) for nodule, rows in items.loc[order].groupby("nodule_id", sort=False).groups.items()
+                nodule: rows[positions]
+                for nodule, positions in ordered.groupby("nodule_id", sort=False).indices.items()
             }
         return self._nodule_rows
 
