@@ -61,7 +61,8 @@ def _wait_ready(server: SearchServer, timeout: float) -> None:
             return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.5)
-    raise TimeoutError(f"the server did not answer at {server.url} in {timeout:.0f} s:\n{server.log.read_text()[-4000:]}")
+    log = server.log.read_text()[-4000:]
+    raise TimeoutError(f"the server did not answer at {server.url} in {timeout:.0f} s:\n{log}")
 
 
 @contextmanager

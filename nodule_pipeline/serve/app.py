@@ -218,11 +218,13 @@ async def search_upload(request: Request) -> JSONResponse:
     params = request.query_params
     k, mode = _number(params.get("k"), 10), params.get("mode", "hierarchical")
     exclude = params.get("exclude_patient")
-    with tempfile.TemporaryFile() as file:  # a real file: numpy reads it, and reports damage, as it does a path
+    with tempfile.TemporaryFile() as file:
         await _receive(request, ROI_FILE_LIMIT, file)
 
         def work(searcher: NoduleSearcher) -> dict[str, Any]:
-            image = read_query_roi(file, name)
+            # read as a plain file, as the CLI opens a path: numpy then reads it, and words damage, the same way
+            with open(file.fileno(), "rb", closefd=False) as reader:
+                image = read_query_roi(reader, name)
             response = searcher.search_roi(image, k, mode, exclude_patient=exclude, source=name)
             return describe.response_json(searcher, response, {"kind": "upload", "name": name})
 
