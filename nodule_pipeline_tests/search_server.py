@@ -1,24 +1,27 @@
-"""Start and stop ``nodule-pipeline serve`` for tests, and re-materialize the index it serves.
-
-The server runs in its own process group and is stopped through it by process id (SIGINT, then
-SIGTERM, then SIGKILL), as the Dagster UI of ``dagster_ui`` is.
+"""``nodule-pipeline serve`` for tests: started on a copy of the real sample's data dir with both
+patients in the index (the ``served_library`` and ``search_page`` fixtures, one server for the
+session), stopped by process id through its own process group (SIGINT, then SIGTERM, then
+SIGKILL) as the Dagster UI of ``dagster_ui`` is; and the index re-materialized on a data dir.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dagster import AssetKey
 
 from nodule_pipeline.definitions import build_definitions
@@ -100,3 +103,38 @@ def materialize_index(data_dir: Path, database: str) -> None:
         raise_on_error=True,
     )
     assert result.success
+
+
+DAGSTER_URL = "http://127.0.0.1:3999"
+"""The Dagster UI address the session's server is given, for its links to the assets."""
+
+
+def served_copy(materialized: Path, folder: Path, database: str | None) -> Path:
+    """A copy of the sample's data dir, its index rebuilt over ``database`` (None: no index)."""
+    shutil.copytree(materialized, folder)
+    shutil.rmtree(folder / "artefacts" / "hash_index")
+    if database:
+        materialize_index(folder, database)
+    return folder
+
+
+def series_zip(lidc_sample: Path, patient_id: str, out: Path) -> Path:
+    """The patient's series folder (DICOM files and the LIDC XML) zipped, as a person would."""
+    folder = next((lidc_sample / patient_id).rglob("*.dcm")).parent
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for path in sorted(folder.iterdir()):
+            archive.write(path, f"{folder.name}/{path.name}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_library(materialized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample's data dir with both patients in the index, so a nodule of one finds the other's."""
+    return served_copy(materialized, tmp_path_factory.mktemp("served") / "data", "all")
+
+
+@pytest.fixture(scope="session")
+def search_page(served_library: Path) -> Iterator[SearchServer]:
+    """``nodule-pipeline serve`` on :func:`served_library`, linking to a Dagster UI at :data:`DAGSTER_URL`."""
+    with search_server(served_library, served_library / "serve.log", "--dagster-url", DAGSTER_URL) as running:
+        yield running

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import urllib.parse
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,37 +18,22 @@ from PIL import Image
 from nodule_pipeline.cli import build_parser, main
 from nodule_pipeline.hashing.searcher import NoduleSearcher
 from nodule_pipeline.serve.app import JSON_LIMIT, ROI_FILE_LIMIT, create_app
-from nodule_pipeline_tests.search_server import SearchServer, materialize_index, search_server
+from nodule_pipeline_tests.search_server import (
+    DAGSTER_URL,
+    SearchServer,
+    materialize_index,
+    search_server,
+    series_zip,
+    served_copy,
+)
 from nodule_pipeline_tests.test_search import BAD_ARRAYS, BAD_FILES, JSON_KEYS
 
-DAGSTER_URL = "http://127.0.0.1:3999"
 QUERY = "LIDC-IDRI-0001-N01"  # the sample's one nodule of patient 0001 (four readers, malignant)
 
 
-def served_copy(materialized: Path, folder: Path, database: str | None) -> Path:
-    """A copy of the sample's data dir, its index rebuilt over ``database`` (None: no index)."""
-    shutil.copytree(materialized, folder)
-    shutil.rmtree(folder / "artefacts" / "hash_index")
-    if database:
-        materialize_index(folder, database)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def library_dir(materialized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Both sample patients in the index, so that a nodule of one finds the other's."""
-    return served_copy(materialized, tmp_path_factory.mktemp("served") / "data", "all")
-
-
-@pytest.fixture(scope="module")
-def server(library_dir: Path) -> Iterator[SearchServer]:
-    with search_server(library_dir, library_dir / "serve.log", "--dagster-url", DAGSTER_URL) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def searcher(library_dir: Path) -> NoduleSearcher:
-    return NoduleSearcher.from_data_dir(library_dir)
+def searcher(served_library: Path) -> NoduleSearcher:
+    return NoduleSearcher.from_data_dir(served_library)
 
 
 def cli_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
@@ -59,8 +42,10 @@ def cli_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
     return capsys.readouterr().err.removeprefix("error: ").strip()
 
 
-def test_library_names_the_index_the_model_and_their_assets(server: SearchServer, searcher: NoduleSearcher) -> None:
-    status, library = server.get_json("/api/library")
+def test_library_names_the_index_the_model_and_their_assets(
+    search_page: SearchServer, searcher: NoduleSearcher
+) -> None:
+    status, library = search_page.get_json("/api/library")
     assert status == 200
     assert library["index_version"] == searcher.index.index_version
     assert library["model_version"] == searcher.model_version == searcher.index.model_version
@@ -68,8 +53,8 @@ def test_library_names_the_index_the_model_and_their_assets(server: SearchServer
     assert library["dagster"] == {name: f"{DAGSTER_URL}/assets/{name}" for name in ("hash_index", "hash_model")}
 
 
-def test_search_by_library_nodule_leaves_its_patient_out(server: SearchServer, searcher: NoduleSearcher) -> None:
-    status, answer = server.post_json("/api/search", {"nodule_id": QUERY, "k": 5})
+def test_search_by_library_nodule_leaves_its_patient_out(search_page: SearchServer, searcher: NoduleSearcher) -> None:
+    status, answer = search_page.post_json("/api/search", {"nodule_id": QUERY, "k": 5})
     assert status == 200
     assert (answer["index_version"], answer["model_version"]) == (searcher.index.index_version, searcher.model_version)
     assert answer["query"]["nodule_id"] == QUERY and answer["query"]["patient_id"] == "LIDC-IDRI-0001"
@@ -89,7 +74,7 @@ def test_search_by_library_nodule_leaves_its_patient_out(server: SearchServer, s
             "texture",
             "malignancy",
         }
-        status, headers, png = server.request(hit["thumbnail_url"])
+        status, headers, png = search_page.request(hit["thumbnail_url"])
         assert status == 200 and headers["Content-Type"] == "image/png"
         assert Image.open(io.BytesIO(png)).size == (128, 128)
 
@@ -102,36 +87,36 @@ def upload(server: SearchServer, path: str, name: str, content: bytes, **params:
 
 
 def test_search_by_image_and_by_file_answer_as_the_cli(
-    server: SearchServer, searcher: NoduleSearcher, library_dir: Path, tmp_path: Path, capsys
+    search_page: SearchServer, searcher: NoduleSearcher, served_library: Path, tmp_path: Path, capsys
 ) -> None:
     image = np.asarray(searcher.index.rois[3], dtype=np.float32)
-    status, answer = server.post_json("/api/search", {"image": image.ravel().tolist(), "k": 4, "mode": "rerank"})
+    status, answer = search_page.post_json("/api/search", {"image": image.ravel().tolist(), "k": 4, "mode": "rerank"})
     assert status == 200 and answer["query"]["kind"] == "image"
     roi = tmp_path / "roi.npy"
     np.save(roi, image)
-    argv = ["search", "--roi", str(roi), "--data-dir", str(library_dir), "--k", "4", "--mode", "rerank", "--json"]
+    argv = ["search", "--roi", str(roi), "--data-dir", str(served_library), "--k", "4", "--mode", "rerank", "--json"]
     assert main(argv) == 0
     assert [{key: hit[key] for key in JSON_KEYS} for hit in answer["hits"]] == json.loads(capsys.readouterr().out)
-    status, uploaded = upload(server, "/api/search/upload", "roi.npy", roi.read_bytes(), k=4, mode="rerank")
+    status, uploaded = upload(search_page, "/api/search/upload", "roi.npy", roi.read_bytes(), k=4, mode="rerank")
     assert status == 200 and uploaded["query"]["name"] == "roi.npy"
     assert uploaded["hits"] == answer["hits"]
 
 
-def test_nodules_are_listed_described_and_pictured(server: SearchServer, searcher: NoduleSearcher) -> None:
-    status, listing = server.get_json("/api/nodules")
+def test_nodules_are_listed_described_and_pictured(search_page: SearchServer, searcher: NoduleSearcher) -> None:
+    status, listing = search_page.get_json("/api/nodules")
     assert status == 200 and listing["total"] == 5
     assert [n["nodule_id"] for n in listing["nodules"]] == sorted(searcher.rows_by_nodule())
-    status, only = server.get_json("/api/nodules?q=0001")
+    status, only = search_page.get_json("/api/nodules?q=0001")
     assert [n["nodule_id"] for n in only["nodules"]] == [QUERY]
-    status, nodule = server.get_json(f"/api/nodules/{QUERY}")
+    status, nodule = search_page.get_json(f"/api/nodules/{QUERY}")
     assert status == 200 and len(nodule["annotations"]) == 4
     readers = {a["annotation_id"] for a in nodule["annotations"]}
     assert len(readers) == 4 and all(
         a["thumbnail_url"].endswith(f"annotation={a['annotation_id']}") for a in nodule["annotations"]
     )
-    status, missing = server.get_json("/api/nodules/LIDC-IDRI-9999-N01")
+    status, missing = search_page.get_json("/api/nodules/LIDC-IDRI-9999-N01")
     assert status == 404 and "unknown nodule 'LIDC-IDRI-9999-N01'" in missing["error"]
-    status, _, _ = server.request("/api/nodules/LIDC-IDRI-9999-N01/thumbnail.png")
+    status, _, _ = search_page.request("/api/nodules/LIDC-IDRI-9999-N01/thumbnail.png")
     assert status == 404
 
 
@@ -140,8 +125,8 @@ JSON_ARRAYS = {name: case for name, case in BAD_ARRAYS.items() if case[0].dtype.
 
 
 @pytest.mark.parametrize(("array", "message"), JSON_ARRAYS.values(), ids=JSON_ARRAYS.keys())
-def test_bad_images_get_the_cli_message(server: SearchServer, array: np.ndarray, message: str) -> None:
-    status, answer = server.post_json("/api/search", {"image": array.tolist()})
+def test_bad_images_get_the_cli_message(search_page: SearchServer, array: np.ndarray, message: str) -> None:
+    status, answer = search_page.post_json("/api/search", {"image": array.tolist()})
     assert status == 400 and message in answer["error"] and answer["error"].startswith("image: ")
 
 
@@ -149,21 +134,25 @@ UPLOADS = {name: case for name, case in BAD_FILES.items() if callable(case[1])}
 
 
 @pytest.mark.parametrize(("name", "content", "message"), UPLOADS.values(), ids=UPLOADS.keys())
-def test_bad_uploaded_files_get_the_cli_message(server: SearchServer, tmp_path: Path, name, content, message) -> None:
+def test_bad_uploaded_files_get_the_cli_message(
+    search_page: SearchServer, tmp_path: Path, name, content, message
+) -> None:
     trap = tmp_path / "unpickled"
-    status, answer = upload(server, "/api/search/upload", name, content(trap))
+    status, answer = upload(search_page, "/api/search/upload", name, content(trap))
     assert status == 400 and message in answer["error"] and answer["error"].startswith(f"{name}: ")
     assert not trap.exists(), "an uploaded file was unpickled"
 
 
-def test_bad_options_and_unknown_nodules_get_the_cli_message(server: SearchServer, library_dir: Path, capsys) -> None:
-    cli = ["search", "--data-dir", str(library_dir)]
+def test_bad_options_and_unknown_nodules_get_the_cli_message(
+    search_page: SearchServer, served_library: Path, capsys
+) -> None:
+    cli = ["search", "--data-dir", str(served_library)]
     for query, argv in (
         ({"nodule_id": "LIDC-IDRI-9999-N01"}, ["--nodule", "LIDC-IDRI-9999-N01"]),
         ({"nodule_id": QUERY, "k": 0}, ["--nodule", QUERY, "--k", "0"]),
         ({"nodule_id": QUERY, "k": -3}, ["--nodule", QUERY, "--k=-3"]),
     ):
-        status, answer = server.post_json("/api/search", query)
+        status, answer = search_page.post_json("/api/search", query)
         assert status == 400 and answer["error"] == cli_error(capsys, cli + argv)
     for query, message in (
         ({"nodule_id": QUERY, "mode": "nearest"}, "unknown search mode 'nearest'; use one of hierarchical"),
@@ -180,48 +169,39 @@ def test_bad_options_and_unknown_nodules_get_the_cli_message(server: SearchServe
         ({"series_id": "0123", "voxel": [1, 2, 3]}, "unknown series '0123'"),
         ([QUERY], "the request body must be a JSON object"),
     ):
-        status, answer = server.post_json("/api/search", query)
+        status, answer = search_page.post_json("/api/search", query)
         assert status == 400 and message in answer["error"], (query, answer)
-    status, _, body = server.request("/api/search", b"{nodule_id: 1}")
+    status, _, body = search_page.request("/api/search", b"{nodule_id: 1}")
     assert status == 400 and "not JSON" in json.loads(body)["error"]
     good = io.BytesIO()
     np.save(good, np.full((32, 32), -600.0))
-    status, answer = upload(server, "/api/search/upload", "roi.npy", good.getvalue(), k="ten")
+    status, answer = upload(search_page, "/api/search/upload", "roi.npy", good.getvalue(), k="ten")
     assert status == 400 and "k must be a whole number of at least 1, got 'ten'" in answer["error"]
 
 
-def test_oversized_bodies_are_refused_and_the_server_keeps_serving(server: SearchServer) -> None:
-    status, _, body = server.request("/api/search", b" " * (JSON_LIMIT + 1))
+def test_oversized_bodies_are_refused_and_the_server_keeps_serving(search_page: SearchServer) -> None:
+    status, _, body = search_page.request("/api/search", b" " * (JSON_LIMIT + 1))
     assert status == 413 and f"larger than {JSON_LIMIT:,} bytes" in json.loads(body)["error"]
-    status, answer = upload(server, "/api/search/upload", "big.npy", b"\0" * (ROI_FILE_LIMIT + 1))
+    status, answer = upload(search_page, "/api/search/upload", "big.npy", b"\0" * (ROI_FILE_LIMIT + 1))
     assert status == 413
-    status, answer = server.post_json("/api/search", {"nodule_id": QUERY, "k": 1})
+    status, answer = search_page.post_json("/api/search", {"nodule_id": QUERY, "k": 1})
     assert status == 200 and len(answer["hits"]) == 1
 
 
-def series_zip(lidc_sample: Path, patient_id: str, out: Path) -> Path:
-    """The patient's series folder (DICOM files and the LIDC XML) zipped, as a person would."""
-    folder = next((lidc_sample / patient_id).rglob("*.dcm")).parent
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
-        for path in sorted(folder.iterdir()):
-            archive.write(path, f"{folder.name}/{path.name}")
-    return out
-
-
 def test_a_clicked_voxel_of_an_uploaded_series_finds_its_nodule(
-    server: SearchServer, searcher: NoduleSearcher, lidc_sample: Path, tmp_path: Path
+    search_page: SearchServer, searcher: NoduleSearcher, lidc_sample: Path, tmp_path: Path
 ) -> None:
     archive = series_zip(lidc_sample, "LIDC-IDRI-0001", tmp_path / "0001.zip")
-    status, series = upload(server, "/api/series", "0001.zip", archive.read_bytes())
+    status, series = upload(search_page, "/api/series", "0001.zip", archive.read_bytes())
     assert status == 200, series
     assert (series["rows"], series["columns"], series["slices"]) == (512, 512, 133)
     item = searcher.index.items.iloc[int(searcher.nodule_rows(QUERY)[0])]
     voxel = [int(item["center_i"]), int(item["center_j"]), int(item["center_k"])]
-    status, _, png = server.request(
+    status, _, png = search_page.request(
         f"/api/series/{series['series_id']}/slices/{voxel[2]}.png?level=-600&width=1500"
     )
     assert status == 200 and Image.open(io.BytesIO(png)).size == (512, 512)
-    status, answer = server.post_json("/api/search", {"series_id": series["series_id"], "voxel": voxel, "k": 3})
+    status, answer = search_page.post_json("/api/search", {"series_id": series["series_id"], "voxel": voxel, "k": 3})
     assert status == 200
     first = answer["hits"][0]  # cut exactly as ingestion cut it: the same code, the same features
     assert first["nodule_id"] == QUERY and first["hamming"] == 0 and first["euclidean"] < 0.05
@@ -230,23 +210,23 @@ def test_a_clicked_voxel_of_an_uploaded_series_finds_its_nodule(
         ({"voxel": [1.5, 2, 3]}, "voxel (row, col, slice) must be whole voxel indices, got [1.5, 2, 3]"),
         ({}, "give the nodule position either as a voxel or in patient mm"),
     ):
-        status, answer = server.post_json("/api/search", {"series_id": series["series_id"], **query})
+        status, answer = search_page.post_json("/api/search", {"series_id": series["series_id"], **query})
         assert status == 400 and message in answer["error"] and "0001.zip/" in answer["error"]
-    status, _, body = server.request(f"/api/series/{series['series_id']}/slices/133.png")
+    status, _, body = search_page.request(f"/api/series/{series['series_id']}/slices/133.png")
     assert status == 400 and "slices 0..132" in json.loads(body)["error"]
-    status, answer = upload(server, "/api/series", "notes.zip", b"PK\x03\x04 not really")
+    status, answer = upload(search_page, "/api/series", "notes.zip", b"PK\x03\x04 not really")
     assert status == 400 and answer["error"].startswith("notes.zip: not a readable zip archive")
     empty = io.BytesIO()
     with zipfile.ZipFile(empty, "w") as notes:
         notes.writestr("../escape.dcm", b"x")
-    status, answer = upload(server, "/api/series", "escape.zip", empty.getvalue())
+    status, answer = upload(search_page, "/api/series", "escape.zip", empty.getvalue())
     assert status == 400 and "a file outside its folder: '../escape.dcm'" in answer["error"]
 
 
-def test_openapi_describes_every_route(server: SearchServer, library_dir: Path) -> None:
-    status, description = server.get_json("/openapi.json")
+def test_openapi_describes_every_route(search_page: SearchServer, served_library: Path) -> None:
+    status, description = search_page.get_json("/openapi.json")
     assert status == 200 and description["openapi"].startswith("3.")
-    app = create_app(library_dir)
+    app = create_app(served_library)
     api_routes = {route.path.replace(":int", "") for route in app.routes if route.path.startswith("/api/")}
     assert api_routes == set(description["paths"])
 
