@@ -34,13 +34,15 @@ def grey_tile(hu: np.ndarray, side: int, level: float = LUNG_WINDOW[0], width: f
 
 
 def roi_png(hu: np.ndarray, zoom: int = 4) -> bytes:
-    """One ROI in the lung window as a PNG, ``zoom`` screen pixels per CT pixel."""
-    return to_png(grey_tile(hu, hu.shape[0] * zoom))
+    """One ROI in the lung window as a PNG, ``zoom`` screen pixels per CT pixel, for a page: made
+    quickly rather than small."""
+    return to_png(grey_tile(hu, hu.shape[0] * zoom), optimize=False)
 
 
-def to_png(image: Image.Image) -> bytes:
+def to_png(image: Image.Image, optimize: bool = True) -> bytes:
+    """PNG bytes; ``optimize`` makes them smaller for metadata that is stored, at ~10 ms a picture."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
+    image.save(buffer, format="PNG", optimize=optimize)
     return buffer.getvalue()
 
 

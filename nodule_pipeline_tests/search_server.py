@@ -7,10 +7,8 @@ SIGKILL) as the Dagster UI of ``dagster_ui`` is; and the index re-materialized o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +24,7 @@ from dagster import AssetKey
 
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.runner import open_instance
-from nodule_pipeline_tests.dagster_ui import REPO, _prepare_child, free_port, stop_process_group
+from nodule_pipeline_tests.dagster_ui import free_port, start_cli, stop_process_group
 
 
 @dataclass
@@ -72,19 +70,7 @@ def _wait_ready(server: SearchServer, timeout: float) -> None:
 def search_server(data_dir: Path, log: Path, *options: str, timeout: float = 120) -> Iterator[SearchServer]:
     """``nodule-pipeline serve --data-dir DATA_DIR`` on a free port of 127.0.0.1, until the block ends."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "nodule_pipeline.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [*command, *options],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_prepare_child,
-        )
+    process = start_cli(["serve", "--data-dir", str(data_dir), "--port", str(port), *options], log)
     server = SearchServer(f"http://127.0.0.1:{port}", process, log)
     try:
         _wait_ready(server, timeout)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from nodule_pipeline.cli import build_parser, main
 from nodule_pipeline.hashing.searcher import NoduleSearcher
+from nodule_pipeline.lidc.annotations import CHARACTERISTICS
 from nodule_pipeline.serve.app import JSON_LIMIT, ROI_FILE_LIMIT, create_app
 from nodule_pipeline_tests.search_server import (
     DAGSTER_URL,
@@ -63,17 +64,7 @@ def test_search_by_library_nodule_leaves_its_patient_out(search_page: SearchServ
     assert len(answer["hits"]) == 5 and {hit["patient_id"] for hit in answer["hits"]} == {"LIDC-IDRI-0003"}
     for hit in answer["hits"]:
         assert JSON_KEYS <= set(hit) and hit["class_fallback"] is False
-        assert set(hit["characteristics"]) == {
-            "subtlety",
-            "internalStructure",
-            "calcification",
-            "sphericity",
-            "margin",
-            "lobulation",
-            "spiculation",
-            "texture",
-            "malignancy",
-        }
+        assert set(hit["characteristics"]) == set(CHARACTERISTICS)
         status, headers, png = search_page.request(hit["thumbnail_url"])
         assert status == 200 and headers["Content-Type"] == "image/png"
         assert Image.open(io.BytesIO(png)).size == (128, 128)

@@ -10,8 +10,9 @@ times requests from this one over one keep-alive connection, taking turns:
   own patient left out, 10 hits as JSON with ratings, the query picture);
 - an image query (``{"image": [1024 HU values]}``, the same search).
 
-Beside them, the same searches in this process through ``NoduleSearcher`` (no HTTP, no JSON, no
-pictures): what the server adds. Figures only, never test assertions.
+Each request takes turns with the same search in this process through ``NoduleSearcher`` (no
+HTTP, no JSON, no pictures), so both see the same machine load: the difference is what the server
+adds. Figures only, never test assertions.
 
     python -m nodule_pipeline.benchmarks.serve [--items 100000] [--requests 200]
 """
@@ -26,6 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,27 +92,32 @@ def run_serve_benchmark(items: int = 10**5, requests: int = 200, seed: int = 0) 
             "nodule": [json.dumps({"nodule_id": nodule, "k": K}).encode() for nodule in queries],
             "image": [json.dumps({"image": image.ravel().tolist(), "k": K}).encode() for image in images],
         }
-        http_times, server_start_s = _time_requests(data_dir, bodies)
-        in_process: dict[str, list[float]] = {"nodule": [], "image": []}
-        searcher.search_nodule(queries[0], K)  # warm-up, untimed
-        for nodule, image in zip(queries, images):
-            clock = time.perf_counter()
-            searcher.search_nodule(nodule, K)
-            in_process["nodule"].append(time.perf_counter() - clock)
-            clock = time.perf_counter()
-            searcher.search_roi(image, K)
-            in_process["image"].append(time.perf_counter() - clock)
+        with _served(data_dir) as (post, server_start_s):
+            calls = {  # HTTP and in process take turns, request by request: both see the same load
+                "http_nodule": [partial(post, body) for body in bodies["nodule"]],
+                "in_process_nodule": [partial(searcher.search_nodule, nodule, K) for nodule in queries],
+                "http_image": [partial(post, body) for body in bodies["image"]],
+                "in_process_image": [partial(searcher.search_roi, image, K) for image in images],
+            }
+            searcher.search_nodule(queries[0], K)  # warm-up, untimed
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            for turn in range(requests):
+                for name, queue in calls.items():
+                    clock = time.perf_counter()
+                    queue[turn]()
+                    times[name].append(time.perf_counter() - clock)
     figures: dict[str, Any] = {"items": items, "requests": requests, "k": K, "bits": searcher.index.bits}
-    for kind in ("nodule", "image"):
-        figures[f"http_{kind}_p50_ms"] = _percentile(http_times[kind], 50)
-        figures[f"http_{kind}_p99_ms"] = _percentile(http_times[kind], 99)
-        figures[f"in_process_{kind}_p50_ms"] = _percentile(in_process[kind], 50)
+    for name, seconds in times.items():
+        figures[f"{name}_p50_ms"] = _percentile(seconds, 50)
+        figures[f"{name}_p99_ms"] = _percentile(seconds, 99)
     figures.update(build_s=round(build_s, 1), server_start_s=round(server_start_s, 1), **environment())
     return figures
 
 
-def _time_requests(data_dir: Path, bodies: dict[str, list[bytes]]) -> tuple[dict[str, list[float]], float]:
-    """Serve ``data_dir`` and send the bodies of each kind in turn, one keep-alive connection."""
+@contextmanager
+def _served(data_dir: Path) -> Iterator[tuple[Callable[[bytes], None], float]]:
+    """``nodule-pipeline serve`` on ``data_dir`` in its own process: a function that POSTs a body
+    to ``/api/search`` over one keep-alive connection, and the seconds until it first answered."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -118,16 +127,9 @@ def _time_requests(data_dir: Path, bodies: dict[str, list[bytes]]) -> tuple[dict
     try:
         connection = _connect(port, server)
         post = _poster(connection)
-        post(bodies["nodule"][0])  # the server loads the index on its first request
-        start_s = time.perf_counter() - started
-        times: dict[str, list[float]] = {kind: [] for kind in bodies}
-        for turn in zip(*bodies.values()):
-            for kind, body in zip(bodies, turn):
-                clock = time.perf_counter()
-                post(body)
-                times[kind].append(time.perf_counter() - clock)
+        post(json.dumps({"image": [-700.0] * 1024}).encode())  # the server loads the index on its first request
+        yield post, time.perf_counter() - started
         connection.close()
-        return times, start_s
     finally:
         server.terminate()
         try:
@@ -151,7 +153,7 @@ def _connect(port: int, server: subprocess.Popen, timeout: float = 120) -> http.
     raise TimeoutError(f"the server did not listen on port {port} in {timeout:.0f} s")
 
 
-def _poster(connection: http.client.HTTPConnection):  # type: ignore[no-untyped-def]
+def _poster(connection: http.client.HTTPConnection) -> Callable[[bytes], None]:
     def post(body: bytes) -> None:
         connection.request("POST", "/api/search", body, {"Content-Type": "application/json"})
         response = connection.getresponse()

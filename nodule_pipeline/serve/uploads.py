@@ -99,7 +99,7 @@ def read_series_zip(file: BinaryIO, name: str) -> CtSeries:
             series = load_series(folders[0], UPLOAD_PATIENT)
         except InputDataError as error:
             shown = str(error).replace(str(root), name)
-            raise InputDataError(shown.removeprefix(f"{UPLOAD_PATIENT}: ")) from None
+            raise InputDataError(shown) from None
         shown_folder = PurePosixPath(name, folders[0].relative_to(root).as_posix())
         return dataclasses.replace(series, folder=Path(shown_folder))
 
@@ -140,4 +140,4 @@ def slice_png(uploaded: UploadedSeries, index: int, level: float, width: float) 
         raise InputDataError(f"slice {index} is outside the series, which has slices 0..{slices - 1}")
     if not (np.isfinite(level) and np.isfinite(width) and width > 0):
         raise InputDataError(f"the HU window needs a finite level and a positive width, got {level}, {width}")
-    return to_png(Image.fromarray(window(uploaded.series.hu[:, :, index], level, width)))
+    return to_png(Image.fromarray(window(uploaded.series.hu[:, :, index], level, width)), optimize=False)
