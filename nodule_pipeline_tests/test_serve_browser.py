@@ -137,3 +137,18 @@ def test_click_the_nodule_on_an_uploaded_series(page, search_page: SearchServer,
     expect(page.locator("#marker")).to_be_visible()
     expect_pictures_shown(page)
     page.screenshot(path=SCREENSHOTS / "04-dicom-click.png", full_page=True)
+
+
+def test_the_page_loads_only_its_own_files(search_page: SearchServer, browser) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    response = page.goto(search_page.url + "/")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    expect(page.locator("#nodule-select option")).not_to_have_count(0)
+    search_for(page, QUERY)
+    expect(page.locator("#hits > li").first).to_be_visible()
+    expect_pictures_shown(page)
+    context.close()
+    assert asked and all(url.startswith((search_page.url + "/", "data:")) for url in asked), asked
