@@ -47,7 +47,7 @@ class BodyTooLarge(Exception):
         super().__init__(f"the request body is larger than {limit:,} bytes")
 
 
-def create_app(data_dir: Path, dagster_url: str | None = None, series_zip_limit: int = SERIES_ZIP_LIMIT) -> Starlette:
+def create_app(data_dir: Path, dagster_url: str | None = None) -> Starlette:
     """The app for a data dir; ``dagster_url`` (the Dagster UI's address) adds links to the assets."""
     app = Starlette(
         routes=[
@@ -73,7 +73,6 @@ def create_app(data_dir: Path, dagster_url: str | None = None, series_zip_limit:
     app.state.library = Library(data_dir)
     app.state.uploads = SeriesStore()
     app.state.dagster_url = dagster_url.rstrip("/") if dagster_url else None
-    app.state.series_zip_limit = series_zip_limit
     return app
 
 
@@ -128,8 +127,8 @@ async def page(_: Request) -> Response:
     return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
 
 
-async def openapi(request: Request) -> JSONResponse:
-    return JSONResponse(api_description(JSON_LIMIT, ROI_FILE_LIMIT, request.app.state.series_zip_limit))
+async def openapi(_: Request) -> JSONResponse:
+    return JSONResponse(api_description(JSON_LIMIT, ROI_FILE_LIMIT, SERIES_ZIP_LIMIT))
 
 
 async def library_info(request: Request) -> JSONResponse:
@@ -239,7 +238,7 @@ async def series_upload(request: Request) -> JSONResponse:
     name = _upload_name(request, "series.zip")
     uploads: SeriesStore = request.app.state.uploads
     with tempfile.TemporaryFile() as file:
-        await _receive(request, request.app.state.series_zip_limit, file)
+        await _receive(request, SERIES_ZIP_LIMIT, file)
         series_id, uploaded = await run_in_threadpool(uploads.add, file, name)
     return JSONResponse(uploaded.describe(series_id))
 

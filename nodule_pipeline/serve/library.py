@@ -153,16 +153,15 @@ def nodule_list(searcher: NoduleSearcher, text: str = "", limit: int = 200) -> d
 
 def thumbnail(searcher: NoduleSearcher, nodule_id: str, annotation_id: str | None = None) -> bytes:
     """The PNG of a nodule's ROI in the lung window: its first annotation's, or the one named."""
-    rows = searcher.nodule_rows(nodule_id)
+    rows = [int(row) for row in searcher.nodule_rows(nodule_id)]
     if annotation_id is not None:
-        ids = searcher.index.items["annotation_id"] if "annotation_id" in searcher.index.items.columns else None
-        matching = [int(row) for row in rows if ids is not None and str(ids.iloc[int(row)]) == annotation_id]
-        if not matching:
+        annotations = searcher.index.items.get("annotation_id")
+        rows = [row for row in rows if annotations is not None and str(annotations.iloc[row]) == annotation_id]
+        if not rows:
             raise InputDataError(f"nodule {nodule_id!r} has no annotation {annotation_id!r} in the index")
-        rows = np.asarray(matching)
     if searcher.index.rois is None:
         raise InputDataError(f"index {searcher.index.index_version} keeps no ROI pictures")
-    return roi_png(np.asarray(searcher.index.rois[int(rows[0])], dtype=np.float32))
+    return roi_png(np.asarray(searcher.index.rois[rows[0]], dtype=np.float32))
 
 
 def thumbnail_url(nodule_id: str, annotation_id: object = None) -> str:

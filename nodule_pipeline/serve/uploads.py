@@ -126,6 +126,8 @@ def _unpack(archive: zipfile.ZipFile, root: Path, name: str) -> list[Path]:
                     if written > MAX_UNPACKED_BYTES:
                         raise InputDataError(f"the zip unpacks to more than {MAX_UNPACKED_BYTES >> 30} GB", path=name)
                     out.write(chunk)
+        except InputDataError:
+            raise
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
             raise InputDataError(f"{member.filename}: cannot unpack ({error})", path=name) from None
         if target.suffix == ".dcm":  # what load_series reads
