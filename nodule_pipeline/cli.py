@@ -1,4 +1,4 @@
-"""``nodule-pipeline``: the user-facing command (demo data, runs, exports, the UI)."""
+"""``nodule-pipeline``: the user-facing command (demo data, runs, exports, search, the UI, the search page)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from nodule_pipeline.benchmarks.ingest import DEFAULT_ROOT
 from nodule_pipeline.errors import InputDataError
 
 DEFAULT_DEMO_PATIENTS = 24
+DAGSTER_URL_ENV = "NODULE_PIPELINE_DAGSTER_URL"
 
 
 def _print_summary(summary, data_dir: Path) -> None:
@@ -146,18 +147,21 @@ def _triple(text: str, option: str) -> tuple[float, ...]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """The k most similar known nodules to a query ROI or to a nodule in a DICOM series. The query
-    is read and checked before the library is loaded, so a bad one fails at once."""
+    """The k most similar known nodules to a query ROI, a library nodule or a nodule in a DICOM
+    series. The query is read and checked before the library is loaded, so a bad one fails at once."""
     import json
 
     from nodule_pipeline.hashing.searcher import NoduleSearcher, load_query_roi
     from nodule_pipeline.pictures import search_results
 
     positions = (args.at, args.at_mm)
-    if args.roi is not None and (args.dicom is not None or positions != (None, None)):
-        raise InputDataError("give either --roi FILE or --dicom DIR with a position, not both")
-    if args.roi is None and (args.dicom is None or positions == (None, None)):
-        raise InputDataError("give --roi FILE, or --dicom DIR with --at I,J,K or --at-mm X,Y,Z")
+    given = [args.roi is not None, args.nodule is not None, args.dicom is not None or positions != (None, None)]
+    if sum(given) > 1:
+        raise InputDataError("give one query, not both: --roi FILE, --nodule ID or --dicom DIR with a position")
+    if not (given[0] or given[1]) and (args.dicom is None or positions == (None, None)):
+        raise InputDataError("give --roi FILE, or --dicom DIR with --at I,J,K or --at-mm X,Y,Z, or --nodule ID")
+    if args.nodule is not None and args.exclude_patient is not None:
+        raise InputDataError("--nodule leaves out the nodule's own patient; --exclude-patient does not apply")
     query = load_query_roi(Path(args.roi)) if args.roi is not None else None
     voxel = _triple(args.at, "--at") if args.at is not None else None
     position = _triple(args.at_mm, "--at-mm") if args.at_mm is not None else None
@@ -165,6 +169,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     options = {"k": args.k, "mode": args.mode, "exclude_patient": args.exclude_patient}
     if query is not None:
         response = searcher.search_roi(query, source=args.roi, **options)
+    elif args.nodule is not None:
+        response = searcher.search_nodule(args.nodule, k=args.k, mode=args.mode)
     else:
         response = searcher.search_dicom(Path(args.dicom), voxel=voxel, position_mm=position, **options)
     hits = response.hits
@@ -264,6 +270,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the search page and its JSON API for the index under ``--data-dir`` (127.0.0.1 by default)."""
+    import uvicorn
+
+    from nodule_pipeline.serve.app import create_app
+
+    data_dir = Path(args.data_dir).resolve()
+    print(f"search page: http://{args.host}:{args.port}/  (API: /openapi.json; library {data_dir})", flush=True)
+    uvicorn.run(create_app(data_dir, dagster_url=args.dagster_url), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options of a pipeline run: training, report, and whether to redo what is current."""
     parser.add_argument(
@@ -325,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="find the most similar known nodules")
     search.add_argument("--roi", help="query ROI: 32x32 .npy in HU, or a lung-window .png")
+    search.add_argument("--nodule", help="query a library nodule by id (its own patient left out)")
     search.add_argument("--dicom", help="query DICOM series folder")
     search.add_argument("--at", help="nodule voxel in the series: row,col,slice (slice in ascending z)")
     search.add_argument("--at-mm", help="nodule position in patient coordinates: x,y,z in mm")
@@ -370,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
+
+    serve = commands.add_parser("serve", help="the similar-nodule search page and its JSON API")
+    serve.add_argument("--data-dir", default="data")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--dagster-url",
+        default=os.environ.get(DAGSTER_URL_ENV),
+        help=f"the Dagster UI's address, for links to the index and model (default: ${DAGSTER_URL_ENV})",
+    )
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

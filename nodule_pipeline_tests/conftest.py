@@ -14,6 +14,10 @@ NO_ACCURACY_FLOOR = {"accuracy_floor": 0.0}
 """``hash_model`` config for a handful of ROIs, where test accuracy says little: index anyway."""
 QUICK_TRAINING = {"epochs": 2, **NO_ACCURACY_FLOOR}
 """``hash_model`` config for tests that need a model, not a good one: brief training."""
+pytest_plugins = [
+    "nodule_pipeline_tests.browser",  # ``browser``: Debian's chromium
+    "nodule_pipeline_tests.search_server",  # ``served_library``, ``search_page``: nodule-pipeline serve
+]
 
 
 @pytest.fixture(scope="module")

@@ -148,24 +148,28 @@ def stop(process: subprocess.Popen, dagster_home: Path) -> None:
         time.sleep(0.2)
 
 
-@contextmanager
-def dagster_ui(data_dir: Path, lidc_root: Path, log: Path, timeout: float = 300) -> Iterator[DagsterUI]:
-    """``nodule-pipeline ui --data-dir DATA_DIR`` on a free port of 127.0.0.1, until the block ends."""
-    port = free_port()
-    env = {**os.environ, LIDC_ROOT_ENV: str(lidc_root)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "nodule_pipeline.cli", "ui", "--data-dir", str(data_dir), "--port", str(port)]
+def start_cli(arguments: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``nodule-pipeline ARGUMENTS`` from this checkout in its own process group, output to ``log``."""
+    environment = {**os.environ, **(env or {})}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
     with log.open("wb") as output:
-        process = subprocess.Popen(
-            command,
+        return subprocess.Popen(
+            [sys.executable, "-m", "nodule_pipeline.cli", *arguments],
             cwd=REPO,
-            env=env,
+            env=environment,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_prepare_child,
         )
+
+
+@contextmanager
+def dagster_ui(data_dir: Path, lidc_root: Path, log: Path, timeout: float = 300) -> Iterator[DagsterUI]:
+    """``nodule-pipeline ui --data-dir DATA_DIR`` on a free port of 127.0.0.1, until the block ends."""
+    port = free_port()
+    process = start_cli(["ui", "--data-dir", str(data_dir), "--port", str(port)], log, {LIDC_ROOT_ENV: str(lidc_root)})
     ui = DagsterUI(f"http://127.0.0.1:{port}", process, log)
     try:
         _wait_ready(ui, timeout)

@@ -7,7 +7,6 @@ the UI, and a lineage view. A screenshot of each step goes to ``test-artifacts/u
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import urllib.parse
@@ -19,6 +18,7 @@ from playwright import sync_api
 
 from nodule_pipeline.lidc.demo_data import generate_patient
 from nodule_pipeline.runner import RunSummary, run_pipeline
+from nodule_pipeline_tests.browser import UI_TIMEOUT_MS
 from nodule_pipeline_tests.conftest import QUICK_TRAINING
 from nodule_pipeline_tests.dagster_ui import REPO, DagsterUI, dagster_ui, processes_of
 
@@ -27,17 +27,6 @@ expect = sync_api.expect
 PATIENTS = ("LIDC-IDRI-0957", "LIDC-IDRI-0078")  # 65 and 87 slices: small and quick
 ASSETS = ("lidc_scan", "lung_mask", "nodule_rois", "roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
 SCREENSHOTS = REPO / "test-artifacts" / "ui"
-CHROMIUM = Path(os.environ.get("NODULE_PIPELINE_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-UI_TIMEOUT_MS = 60_000  # a page of the UI on 2 busy cores
 RUN_TIMEOUT_MS = 300_000  # a run launched from the UI: a fresh process that imports torch and dagster
 
 
@@ -69,21 +58,6 @@ def ui(pipeline: tuple[Path, Path, RunSummary]) -> Iterator[DagsterUI]:
         if log.exists():
             shutil.copyfile(log, SCREENSHOTS / "dagster-dev.log")
     assert not processes_of(data_dir / "dagster"), "a process of the Dagster UI outlived it"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        executable = str(CHROMIUM) if CHROMIUM.exists() else None  # else Playwright's own build
-        try:
-            browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        except sync_api.Error as error:
-            if os.environ.get("CI"):  # .ci/run installs chromium: its absence there is a failure
-                raise
-            pytest.skip(f"no Chromium to drive: {error.message.splitlines()[0]}")
-        expect.set_options(timeout=UI_TIMEOUT_MS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -8,10 +8,12 @@ in a DICOM series, with the same ROI cut as ingestion.
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,11 +21,11 @@ from PIL import Image, UnidentifiedImageError
 from nodule_pipeline import privacy
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
-from nodule_pipeline.hashing.search import BatchResult, SearchHit, search, search_batch
+from nodule_pipeline.hashing.search import TIE_KEY_COLUMNS, BatchResult, SearchHit, search, search_batch
 from nodule_pipeline.hashing.training import Encoded, TrainedModel, encode, load_model, read_model_card
 from nodule_pipeline.lidc.lung_mask import segment_lungs
 from nodule_pipeline.lidc.rois import query_roi_at
-from nodule_pipeline.lidc.series import load_series
+from nodule_pipeline.lidc.series import CtSeries, load_series
 from nodule_pipeline.pictures import LUNG_WINDOW
 from nodule_pipeline.roi_table import ROI_SIZE
 from nodule_pipeline.storage import artefact_folder, artefacts_dir, model_version_folder
@@ -63,7 +65,12 @@ def check_query_image(image: np.ndarray, source: str) -> np.ndarray:
     (Hounsfield units). A flat vector of 1024 values, or 32x32 with extra axes of length 1, is
     taken as the 32x32 ROI; any other shape, a non-numeric, boolean or complex dtype, NaN and
     infinite values are a clear error naming ``source``."""
-    array = np.asarray(image)
+    try:
+        array = np.asarray(image)
+    except ValueError:  # nested lists of unequal lengths
+        raise InputDataError(
+            "query ROI must be a 32x32 grid of numbers; its rows differ in length", path=source
+        ) from None
     if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise InputDataError(f"query ROI must hold real numbers (HU), got dtype {array.dtype}", path=source)
     if array.size == ROI_SIZE * ROI_SIZE and (array.ndim == 1 or array.squeeze().shape == (ROI_SIZE, ROI_SIZE)):
@@ -88,67 +95,75 @@ and opaque (a grey picture some tool saved in colour). 1-bit, 16-bit and float p
 hold the 8-bit lung window and are refused, like coloured or transparent pixels."""
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(file: BinaryIO, source: str) -> np.ndarray:
     """The one array of a ``.npy`` file, never unpickled (``allow_pickle=False``)."""
-    with path.open("rb") as file:
-        head = file.read(len(NPY_MAGIC))
-        if head != NPY_MAGIC:
-            reason = (
-                "is a .npz archive, not a .npy array"
-                if head.startswith(b"PK")
-                else "not a .npy array file (it does not start with the NumPy header)"
-            )
-            raise InputDataError(reason, path=path)
-        file.seek(0)
-        try:
-            return np.load(file, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
-            raise InputDataError(f"not a readable .npy array ({error})", path=path) from None
+    head = file.read(len(NPY_MAGIC))
+    if head != NPY_MAGIC:
+        reason = (
+            "is a .npz archive, not a .npy array"
+            if head.startswith(b"PK")
+            else "not a .npy array file (it does not start with the NumPy header)"
+        )
+        raise InputDataError(reason, path=source)
+    file.seek(0)
+    try:
+        return np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise InputDataError(f"not a readable .npy array ({error})", path=source) from None
 
 
-def _read_png(path: Path) -> np.ndarray:
+def _read_png(file: BinaryIO, source: str) -> np.ndarray:
     """The grey levels (0-255) of an 8-bit grey PNG, or of a colour one that is all grey and opaque."""
     try:
-        with Image.open(path, formats=["PNG"]) as picture:
+        with Image.open(file, formats=["PNG"]) as picture:
             mode = picture.mode
             pixels = np.asarray(picture.convert("RGBA") if mode in ("P", "PA") else picture)
     except UnidentifiedImageError:
-        raise InputDataError("not a PNG image", path=path) from None
+        raise InputDataError("not a PNG image", path=source) from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise InputDataError(f"not a readable PNG image ({error})", path=path) from None
+        raise InputDataError(f"not a readable PNG image ({error})", path=source) from None
     if mode not in PNG_MODES:
-        raise InputDataError(f"PNG of mode {mode!r} is not supported: save the ROI as an 8-bit grey PNG", path=path)
+        raise InputDataError(f"PNG of mode {mode!r} is not supported: save the ROI as an 8-bit grey PNG", path=source)
     if pixels.ndim == 2:
         return pixels
     if pixels.shape[-1] in (2, 4) and (pixels[..., -1] != 255).any():
-        raise InputDataError("PNG has transparent pixels; save the ROI as an opaque grey PNG", path=path)
+        raise InputDataError("PNG has transparent pixels; save the ROI as an opaque grey PNG", path=source)
     colours = pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., :1]
     if (colours != colours[..., :1]).any():
-        raise InputDataError("PNG is in colour; save the ROI as a grey (lung window) PNG", path=path)
+        raise InputDataError("PNG is in colour; save the ROI as a grey (lung window) PNG", path=source)
     return colours[..., 0]
 
 
 def load_query_roi(path: Path) -> np.ndarray:
-    """A query ROI from a file: ``.npy`` in Hounsfield units (never unpickled), or a PNG read as the
-    lung window of the project's pictures (level -600, width 1500 HU) and mapped back to HU; see
-    ``PNG_MODES`` for the PNG layouts accepted. Either must hold 32x32 values (``check_query_image``).
-    A missing, empty or unreadable file, a folder, another extension or contents that do not
-    match the extension are each a clear error naming the file."""
+    """A query ROI from a file (see :func:`read_query_roi`); a missing file or a folder is a
+    clear error naming it."""
     if path.is_dir():
         raise InputDataError("query ROI is a folder, not a file", path=path)
     if not path.is_file():
         raise InputDataError("query file not found", path=path)
-    if path.stat().st_size == 0:
-        raise InputDataError("query file is empty", path=path)
-    suffix = path.suffix.lower()
+    with path.open("rb") as file:
+        return read_query_roi(file, str(path))
+
+
+def read_query_roi(file: BinaryIO, name: str) -> np.ndarray:
+    """A query ROI from an open file called ``name`` (its path, or an upload's file name):
+    ``.npy`` in Hounsfield units (never unpickled), or a PNG read as the lung window of the
+    project's pictures (level -600, width 1500 HU) and mapped back to HU; see ``PNG_MODES`` for
+    the PNG layouts accepted. Either must hold 32x32 values (``check_query_image``). Empty or
+    unreadable contents, another extension or contents that do not match the extension are each
+    a clear error naming ``name``."""
+    if file.seek(0, io.SEEK_END) == 0:
+        raise InputDataError("query file is empty", path=name)
+    file.seek(0)
+    suffix = Path(name).suffix.lower()
     if suffix == ".npy":
-        return check_query_image(_read_npy(path), str(path))
+        return check_query_image(_read_npy(file, name), name)
     if suffix == ".png":
         level, width = LUNG_WINDOW
-        grey = _read_png(path).astype(np.float32)
-        return check_query_image(grey / 255.0 * width + (level - width / 2), str(path))
+        grey = _read_png(file, name).astype(np.float32)
+        return check_query_image(grey / 255.0 * width + (level - width / 2), name)
     raise InputDataError(
-        f"query ROI must be a .npy array (HU) or a .png picture, not {suffix or 'a file without extension'}", path=path
+        f"query ROI must be a .npy array (HU) or a .png picture, not {suffix or 'a file without extension'}", path=name
     )
 
 
@@ -168,6 +183,10 @@ def check_position(values: object, voxel: bool, source: str) -> tuple:
     return tuple(float(v) for v in parts)
 
 
+class UnknownNoduleError(InputDataError):
+    """A nodule id the index does not hold."""
+
+
 class NoduleSearcher:
     """A trained hashing model and the index built with it."""
 
@@ -178,6 +197,7 @@ class NoduleSearcher:
                 "materialize hash_index again"
             )
         self.model, self.index, self.model_version = model, index, model_version
+        self._nodule_rows: dict[str, np.ndarray] | None = None
 
     @classmethod
     def from_paths(cls, model_dir: Path, index_dir: Path) -> NoduleSearcher:
@@ -204,6 +224,17 @@ class NoduleSearcher:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise InputDataError(f"k must be a whole number of at least 1, got {k!r}")
 
+    def _check_position_query(
+        self, voxel: object, position_mm: object, k: int, mode: str, source: str
+    ) -> tuple[tuple[int, int, int] | None, tuple[float, float, float] | None]:
+        """Options and position of a query in a series, checked before any file is read."""
+        if (voxel is None) == (position_mm is None):
+            raise InputDataError("give the nodule position either as a voxel or in patient mm", path=source)
+        self._check_options(k, mode)
+        if voxel is not None:
+            return check_position(voxel, True, source), None
+        return None, check_position(position_mm, False, source)
+
     def search_roi(
         self,
         image: np.ndarray,
@@ -227,6 +258,40 @@ class NoduleSearcher:
             exclude_patient=exclude_patient,
         )
         return SearchResponse(roi, predicted, float(encoded.probs[0, 1]), hits)
+
+    def nodule_rows(self, nodule_id: str) -> np.ndarray:
+        """The index rows of a library nodule (one per reader annotation), by annotation id where
+        the items have one; an unknown nodule is a clear error."""
+        rows = self.rows_by_nodule().get(nodule_id) if isinstance(nodule_id, str) else None
+        if rows is None:
+            raise UnknownNoduleError(
+                f"unknown nodule {nodule_id!r}: index {self.index.index_version} holds no nodule of that id"
+            )
+        return rows
+
+    def rows_by_nodule(self) -> dict[str, np.ndarray]:
+        """Every library nodule's index rows, each ordered by annotation id (the first is the
+        annotation a search by the nodule uses); built once per searcher."""
+        if self._nodule_rows is None:
+            columns = [c for c in TIE_KEY_COLUMNS if c in self.index.items.columns]
+            keys = self.index.items[columns].astype(str).reset_index(drop=True)
+            ordered = keys.sort_values(columns, kind="stable")
+            rows = ordered.index.to_numpy()
+            self._nodule_rows = {
+                nodule: rows[positions]
+                for nodule, positions in ordered.groupby("nodule_id", sort=False).indices.items()
+            }
+        return self._nodule_rows
+
+    def search_nodule(self, nodule_id: str, k: int = 10, mode: str = "hierarchical") -> SearchResponse:
+        """The k most similar nodules to a library nodule (its first annotation's ROI), leaving out
+        every nodule of its own patient."""
+        self._check_options(k, mode)
+        row = int(self.nodule_rows(nodule_id)[0])
+        if self.index.rois is None:
+            raise InputDataError(f"index {self.index.index_version} keeps no ROIs to search with; query with an image")
+        patient = str(self.index.items["patient_id"].iloc[row])
+        return self.search_roi(self.index.rois[row], k, mode, exclude_patient=patient, source=nodule_id)
 
     def search_many(
         self,
@@ -255,17 +320,26 @@ class NoduleSearcher:
     ) -> SearchResponse:
         """Cut the ROI at a nodule of a DICOM series (voxel (row, col, slice) or patient mm) the
         way ingestion does, then search with it."""
-        if (voxel is None) == (position_mm is None):
-            raise InputDataError("give the nodule position either as a voxel or in patient mm", path=series_dir)
-        self._check_options(k, mode)
-        if voxel is not None:
-            voxel = check_position(voxel, True, str(series_dir))
-        else:
-            position_mm = check_position(position_mm, False, str(series_dir))
+        voxel, position_mm = self._check_position_query(voxel, position_mm, k, mode, str(series_dir))
         if not series_dir.is_dir():
             what = "is a file, not a DICOM series folder" if series_dir.exists() else "DICOM series folder not found"
             raise InputDataError(what, path=series_dir)
         series = load_series(series_dir, _query_patient(series_dir))
+        return self.search_series(series, voxel, position_mm, k, mode, exclude_patient)
+
+    def search_series(
+        self,
+        series: CtSeries,
+        voxel: tuple[int, int, int] | None = None,
+        position_mm: tuple[float, float, float] | None = None,
+        k: int = 10,
+        mode: str = "hierarchical",
+        exclude_patient: str | None = None,
+        lungs: np.ndarray | None = None,
+    ) -> SearchResponse:
+        """:meth:`search_dicom` on a series already loaded, with its lung mask when the caller
+        keeps one (``segment_lungs`` of the whole volume is most of a query's time)."""
+        voxel, position_mm = self._check_position_query(voxel, position_mm, k, mode, str(series.folder))
         if voxel is not None:
             centre = series.check_voxel(voxel)
         else:
@@ -277,9 +351,10 @@ class NoduleSearcher:
                     patient_id=series.patient_id,
                     path=series.folder,
                 ) from None
-        lungs = segment_lungs(series.hu, series.spacing_mm)
+        if lungs is None:
+            lungs = segment_lungs(series.hu, series.spacing_mm)
         image = query_roi_at(series.hu, lungs, centre)
-        return self.search_roi(image, k, mode, exclude_patient, source=str(series_dir))
+        return self.search_roi(image, k, mode, exclude_patient, source=str(series.folder))
 
 
 def _query_patient(series_dir: Path) -> str:

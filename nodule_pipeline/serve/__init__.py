@@ -1,0 +1,1 @@
+"""``nodule-pipeline serve``: the similar-nodule search page and its HTTP API."""

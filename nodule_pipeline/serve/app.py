@@ -1,0 +1,254 @@
+"""``nodule-pipeline serve``: the similar-nodule search page and its JSON API, a Starlette app.
+
+Every query goes through :class:`~nodule_pipeline.hashing.searcher.NoduleSearcher` with the
+checks and messages of ``nodule-pipeline search``; a bad one is a 400 naming what is wrong, a
+body over its limit a 413, and no query stops the server. CPU work (encoding, search, pictures,
+DICOM reading) runs in worker threads, so one slow upload does not hold the others.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from nodule_pipeline.errors import InputDataError
+from nodule_pipeline.hashing.searcher import MODES, NoduleSearcher, UnknownNoduleError, read_query_roi
+from nodule_pipeline.serve import library as describe
+from nodule_pipeline.serve.library import Library, LibraryUnavailable
+from nodule_pipeline.serve.openapi import api_description
+from nodule_pipeline.serve.uploads import SeriesStore, slice_png
+
+STATIC = Path(__file__).resolve().parent / "static"
+JSON_LIMIT = 1 << 20
+"""Largest JSON request body: a 1024-value ROI takes ~10 KB."""
+ROI_FILE_LIMIT = 1 << 20
+"""Largest uploaded ROI file (.npy or .png); a 32x32 one takes a few KB."""
+SERIES_ZIP_LIMIT = 1 << 30
+"""Largest uploaded DICOM series zip (a thin-slice CT series is a few hundred MB)."""
+SEARCH_FIELDS = ("image", "nodule_id", "series_id", "voxel", "position_mm", "k", "mode", "exclude_patient")
+PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+"""The page loads its own files only: nothing from elsewhere, even if an item's text held markup."""
+T = TypeVar("T")
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"the request body is larger than {limit:,} bytes")
+
+
+def create_app(data_dir: Path, dagster_url: str | None = None) -> Starlette:
+    """The app for a data dir; ``dagster_url`` (the Dagster UI's address) adds links to the assets."""
+    app = Starlette(
+        routes=[
+            Route("/", page),
+            Route("/openapi.json", openapi),
+            Route("/api/library", library_info),
+            Route("/api/nodules", nodules),
+            Route("/api/nodules/{nodule_id}", nodule),
+            Route("/api/nodules/{nodule_id}/thumbnail.png", nodule_thumbnail),
+            Route("/api/search", search, methods=["POST"]),
+            Route("/api/search/upload", search_upload, methods=["POST"]),
+            Route("/api/series", series_upload, methods=["POST"]),
+            Route("/api/series/{series_id}/slices/{index:int}.png", series_slice),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        exception_handlers={
+            InputDataError: lambda _, error: _error(400, str(error)),
+            BodyTooLarge: lambda _, error: _error(413, str(error)),
+            LibraryUnavailable: lambda _, error: _error(503, str(error)),
+            HTTPException: lambda _, error: _error(error.status_code, error.detail),
+        },
+    )
+    app.state.library = Library(data_dir)
+    app.state.uploads = SeriesStore()
+    app.state.dagster_url = dagster_url.rstrip("/") if dagster_url else None
+    return app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _with_searcher(request: Request, work: Callable[[NoduleSearcher], T]) -> T:
+    """``work`` on the current searcher, in a worker thread (loading a changed index included)."""
+    library: Library = request.app.state.library
+    return await run_in_threadpool(lambda: work(library.searcher()))
+
+
+async def _receive(request: Request, limit: int, into: IO[bytes]) -> None:
+    """The request body into ``into``, refused as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        into.write(chunk)
+    into.seek(0)
+
+
+def _number(text: str | None, default: Any) -> Any:
+    """A query-string number as int or float; anything else is passed on as given, for the
+    searcher to refuse with its own message."""
+    if text is None:
+        return default
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _upload_name(request: Request, example: str) -> str:
+    name = request.query_params.get("filename", "").strip()
+    if not name:
+        raise InputDataError(f"name the uploaded file (?filename={example}): its extension says how to read it")
+    return Path(name).name
+
+
+# --------------------------------------------------------------------------- pages and library
+
+
+async def page(_: Request) -> Response:
+    return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+
+async def openapi(_: Request) -> JSONResponse:
+    return JSONResponse(api_description(JSON_LIMIT, ROI_FILE_LIMIT, SERIES_ZIP_LIMIT))
+
+
+async def library_info(request: Request) -> JSONResponse:
+    url = request.app.state.dagster_url
+    links = {name: f"{url}/assets/{name}" for name in ("hash_index", "hash_model")} if url else None
+    info = await _with_searcher(request, describe.summary)
+    return JSONResponse({**info, "modes": list(MODES), "dagster": links})
+
+
+async def nodules(request: Request) -> JSONResponse:
+    text = request.query_params.get("q", "")
+    limit = _number(request.query_params.get("limit"), 200)
+    if not isinstance(limit, int) or limit < 1:
+        raise InputDataError(f"limit must be a whole number of at least 1, got {limit!r}")
+    return JSONResponse(await _with_searcher(request, lambda s: describe.nodule_list(s, text, limit)))
+
+
+async def nodule(request: Request) -> JSONResponse:
+    nodule_id = request.path_params["nodule_id"]
+    try:
+        return JSONResponse(await _with_searcher(request, lambda s: describe.nodule_json(s, nodule_id)))
+    except UnknownNoduleError as error:  # a resource that is not there; a search by it is a bad query (400)
+        return _error(404, str(error))
+
+
+async def nodule_thumbnail(request: Request) -> Response:
+    nodule_id, annotation = request.path_params["nodule_id"], request.query_params.get("annotation")
+    try:
+        png = await _with_searcher(request, lambda s: describe.thumbnail(s, nodule_id, annotation))
+    except UnknownNoduleError as error:
+        return _error(404, str(error))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+# --------------------------------------------------------------------------- search
+
+
+async def search(request: Request) -> JSONResponse:
+    """A JSON query: an image, a library nodule, or a voxel of an uploaded series."""
+    with tempfile.SpooledTemporaryFile() as body:
+        await _receive(request, JSON_LIMIT, body)
+        text = body.read()
+    try:
+        payload = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputDataError(f"the request body is not JSON ({error})") from None
+    uploads: SeriesStore = request.app.state.uploads
+    return JSONResponse(await _with_searcher(request, lambda s: _search(s, uploads, payload)))
+
+
+def _search(searcher: NoduleSearcher, uploads: SeriesStore, payload: object) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise InputDataError("the request body must be a JSON object")
+    unknown = sorted(set(payload) - set(SEARCH_FIELDS))
+    if unknown:
+        raise InputDataError(f"unknown field(s) {', '.join(unknown)}; a search takes {', '.join(SEARCH_FIELDS)}")
+    given = [key for key in ("image", "nodule_id", "series_id") if key in payload]
+    if len(given) != 1:
+        raise InputDataError("give one query: image (32x32 = 1024 HU values), nodule_id, or series_id with voxel")
+    k, mode, exclude = payload.get("k", 10), payload.get("mode", "hierarchical"), payload.get("exclude_patient")
+    if exclude is not None and not isinstance(exclude, str):
+        raise InputDataError(f"exclude_patient must be a patient id, got {exclude!r}")
+    if "image" in payload:
+        response = searcher.search_roi(payload["image"], k, mode, exclude_patient=exclude, source="image")
+        query: dict[str, Any] = {"kind": "image"}
+    elif "nodule_id" in payload:
+        if exclude is not None:
+            raise InputDataError(
+                "a nodule_id query leaves out the nodule's own patient; exclude_patient does not apply"
+            )
+        response = searcher.search_nodule(payload["nodule_id"], k, mode)
+        nodule = describe.nodule_json(searcher, payload["nodule_id"])
+        query = {"kind": "nodule", **{key: nodule[key] for key in ("nodule_id", "patient_id", "label", "malignancy")}}
+    else:
+        uploaded = uploads.get(payload["series_id"])
+        response = searcher.search_series(
+            uploaded.series, payload.get("voxel"), payload.get("position_mm"), k, mode, exclude, lungs=uploaded.lungs
+        )
+        query = {"kind": "series", "series_id": payload["series_id"], "voxel": payload.get("voxel")}
+    return describe.response_json(searcher, response, query)
+
+
+async def search_upload(request: Request) -> JSONResponse:
+    """An uploaded ROI file (.npy in HU or a lung-window .png), read as ``nodule-pipeline search --roi``."""
+    name = _upload_name(request, "roi.npy")
+    params = request.query_params
+    k, mode = _number(params.get("k"), 10), params.get("mode", "hierarchical")
+    exclude = params.get("exclude_patient")
+    with tempfile.TemporaryFile() as file:
+        await _receive(request, ROI_FILE_LIMIT, file)
+
+        def work(searcher: NoduleSearcher) -> dict[str, Any]:
+            # read as a plain file, as the CLI opens a path: numpy then reads it, and words damage, the same way
+            with open(file.fileno(), "rb", closefd=False) as reader:
+                image = read_query_roi(reader, name)
+            response = searcher.search_roi(image, k, mode, exclude_patient=exclude, source=name)
+            return describe.response_json(searcher, response, {"kind": "upload", "name": name})
+
+        return JSONResponse(await _with_searcher(request, work))
+
+
+# --------------------------------------------------------------------------- uploaded DICOM series
+
+
+async def series_upload(request: Request) -> JSONResponse:
+    """A zip of one DICOM series, read and kept for clicking a nodule on."""
+    name = _upload_name(request, "series.zip")
+    uploads: SeriesStore = request.app.state.uploads
+    with tempfile.TemporaryFile() as file:
+        await _receive(request, SERIES_ZIP_LIMIT, file)
+        series_id, uploaded = await run_in_threadpool(uploads.add, file, name)
+    return JSONResponse(uploaded.describe(series_id))
+
+
+async def series_slice(request: Request) -> Response:
+    uploaded = request.app.state.uploads.get(request.path_params["series_id"])
+    level, width = (
+        _number(request.query_params.get(key), default) for key, default in (("level", -600), ("width", 1500))
+    )
+    if not all(isinstance(value, (int, float)) for value in (level, width)):
+        raise InputDataError(f"the HU window's level and width must be numbers, got {level!r} and {width!r}")
+    png = await run_in_threadpool(slice_png, uploaded, request.path_params["index"], float(level), float(width))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

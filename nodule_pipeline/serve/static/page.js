@@ -1,0 +1,231 @@
+// The search page: ask the JSON API (/openapi.json) and show the query beside its hits.
+// Plain browser JavaScript, no build step, nothing loaded from elsewhere.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const LABELS = { 0: "benign", 1: "malignant" };
+const CHARACTERISTICS = [
+  ["subtlety", "subtlety"], ["internalStructure", "internal structure"], ["calcification", "calcification"],
+  ["sphericity", "sphericity"], ["margin", "margin"], ["lobulation", "lobulation"],
+  ["spiculation", "spiculation"], ["texture", "texture"], ["malignancy", "malignancy"],
+];
+let series = null; // the uploaded DICOM series being viewed
+
+async function api(url, options = {}) {
+  const response = await fetch(url, options);
+  const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
+  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function number(value, digits) {
+  return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
+}
+
+async function loadLibrary() {
+  try {
+    const library = await api("/api/library");
+    const line = $("provenance");
+    line.textContent =
+      `index ${library.index_version} · model ${library.model_version} · ${library.nodules} nodules ` +
+      `(${library.items} reader annotations) of ${library.patients} patients · ${library.bits}-bit codes`;
+    for (const [name, url] of Object.entries(library.dagster || {})) {
+      line.append(" · ");
+      const link = element("a", "", `${name} in Dagster`);
+      link.href = url;
+      line.append(link);
+    }
+    await loadNodules("");
+  } catch (error) {
+    $("provenance").textContent = error.message;
+  }
+}
+
+async function loadNodules(text) {
+  const list = await api(`/api/nodules?${new URLSearchParams({ q: text, limit: 500 })}`);
+  const select = $("nodule-select");
+  select.replaceChildren(
+    ...list.nodules.map((nodule) => {
+      const option = element("option", "", `${nodule.nodule_id} · ${LABELS[nodule.label]} · ${nodule.annotations} reader(s)`);
+      option.value = nodule.nodule_id;
+      return option;
+    }),
+  );
+  if (select.options.length) select.selectedIndex = 0;
+}
+
+function options() {
+  return { k: Number($("k").value), mode: $("mode").value };
+}
+
+async function search(request) {
+  showError("");
+  $("busy").hidden = false;
+  try {
+    render(await request());
+  } catch (error) {
+    showError(error.message);
+  } finally {
+    $("busy").hidden = true;
+  }
+}
+
+function searchJson(query) {
+  return search(() =>
+    api("/api/search", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ ...query, ...options() }),
+    }),
+  );
+}
+
+function ratingList(characteristics) {
+  const list = element("dl");
+  for (const [key, name] of CHARACTERISTICS) {
+    if (!(key in characteristics)) continue;
+    list.append(element("dt", "", name), element("dd", "", number(characteristics[key], 0)));
+  }
+  return list;
+}
+
+function facts(pairs) {
+  const list = element("dl");
+  for (const [name, value] of pairs) list.append(element("dt", "", name), element("dd", "", value));
+  return list;
+}
+
+function hitCard(hit) {
+  const label = LABELS[hit.label];
+  const card = element("li", `card hit ${label}`);
+  const picture = element("img");
+  picture.src = hit.thumbnail_url;
+  picture.alt = `ROI of ${hit.nodule_id}`;
+  const title = element("div", "title");
+  title.append(element("span", "", `#${hit.rank}`), element("span", `badge ${label}`, label));
+  const ratings = element("details");
+  ratings.append(element("summary", "", "readers' characteristics"), ratingList(hit.characteristics));
+  card.append(
+    picture,
+    title,
+    facts([
+      ["nodule", hit.nodule_id],
+      ["patient", hit.patient_id],
+      ["malignancy", number(hit.malignancy, 1)],
+      ["Hamming", String(hit.hamming)],
+      ["Euclidean", number(hit.euclidean, 3)],
+    ]),
+    ratings,
+  );
+  return card;
+}
+
+function render(answer) {
+  const query = answer.query;
+  const figure = $("query");
+  figure.querySelector("img").src = query.picture;
+  const predicted = LABELS[query.predicted_label];
+  const what = { nodule: query.nodule_id, upload: query.name, series: `voxel ${query.voxel}`, image: "image" }[query.kind];
+  const caption = figure.querySelector("figcaption");
+  caption.replaceChildren(
+    element("div", "title", `query: ${what}`),
+    facts([
+      ["predicted", predicted],
+      ["p(malignant)", number(query.malignant_probability, 2)],
+      ...(query.kind === "nodule" ? [["label", LABELS[query.label]], ["patient", query.patient_id]] : []),
+    ]),
+  );
+  figure.className = `card query ${predicted}`;
+  $("hits").replaceChildren(...answer.hits.map(hitCard));
+  $("fallback").hidden = !answer.class_fallback;
+  $("results").hidden = false;
+  if (!answer.hits.length) showError("no library nodule to show (the library holds only this patient's nodules?)");
+}
+
+// --- a DICOM series: upload, scroll, window, click
+
+function sliceUrl() {
+  const query = new URLSearchParams({ level: $("level").value, width: $("width").value });
+  return `/api/series/${series.series_id}/slices/${$("slice").value}.png?${query}`;
+}
+
+function showSlice() {
+  $("slice-image").src = sliceUrl();
+  $("slice-number").textContent = `${Number($("slice").value) + 1} / ${series.slices}`;
+  $("marker").hidden = true;
+}
+
+async function uploadSeries(file) {
+  showError("");
+  $("busy").hidden = false;
+  try {
+    series = await api(`/api/series?${new URLSearchParams({ filename: file.name })}`, { method: "POST", body: file });
+    $("slice").max = series.slices - 1;
+    $("slice").value = Math.floor(series.slices / 2);
+    $("viewer").hidden = false;
+    showSlice();
+  } catch (error) {
+    showError(error.message);
+  } finally {
+    $("busy").hidden = true;
+  }
+}
+
+function clickNodule(event) {
+  const image = $("slice-image");
+  const box = image.getBoundingClientRect();
+  const row = Math.floor(((event.clientY - box.top) / box.height) * series.rows);
+  const column = Math.floor(((event.clientX - box.left) / box.width) * series.columns);
+  const marker = $("marker");
+  marker.style.left = `${event.clientX - box.left}px`;
+  marker.style.top = `${event.clientY - box.top}px`;
+  marker.hidden = false;
+  searchJson({ series_id: series.series_id, voxel: [row, column, Number($("slice").value)] });
+}
+
+function bind() {
+  let filterTimer = null;
+  $("nodule-filter").addEventListener("input", (event) => {
+    clearTimeout(filterTimer);
+    filterTimer = setTimeout(() => loadNodules(event.target.value).catch((error) => showError(error.message)), 200);
+  });
+  const searchNodule = () => {
+    const nodule = $("nodule-select").value;
+    if (nodule) searchJson({ nodule_id: nodule });
+    else showError("pick a library nodule first");
+  };
+  $("nodule-search").addEventListener("click", searchNodule);
+  $("nodule-select").addEventListener("dblclick", searchNodule);
+  $("roi-file").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    if (!file) return;
+    const query = new URLSearchParams({ filename: file.name, ...options() });
+    search(() => api(`/api/search/upload?${query}`, { method: "POST", body: file }));
+  });
+  $("series-file").addEventListener("change", (event) => {
+    if (event.target.files[0]) uploadSeries(event.target.files[0]);
+  });
+  for (const id of ["slice", "level", "width"]) $(id).addEventListener("input", () => series && showSlice());
+  for (const button of document.querySelectorAll("[data-window]")) {
+    button.addEventListener("click", () => {
+      [$("level").value, $("width").value] = button.dataset.window.split(",");
+      if (series) showSlice();
+    });
+  }
+  $("slice-image").addEventListener("click", clickNodule);
+}
+
+bind();
+loadLibrary();

@@ -1,0 +1,145 @@
+"""DICOM series that people upload (a zip) to click a nodule on: unpacked safely, read with the
+pipeline's own series reader, and kept in memory for a few queries.
+
+The zip's files are unpacked into a temporary folder, read by
+:func:`~nodule_pipeline.lidc.series.load_series` (every validation of ingestion), and deleted
+again; the volume stays in memory (a few hundred MB at most) with its lung mask, segmented once
+so that each click is a quick query. The newest few series are kept; older ones are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import tempfile
+import threading
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+from nodule_pipeline.errors import InputDataError
+from nodule_pipeline.lidc.lung_mask import segment_lungs
+from nodule_pipeline.lidc.series import CtSeries, load_series
+from nodule_pipeline.pictures import to_png, window
+
+UPLOAD_PATIENT = "upload"
+"""The patient id an uploaded series' errors carry (its real one is not read)."""
+MAX_FILES = 5000
+MAX_UNPACKED_BYTES = 4 << 30
+KEPT_SERIES = 2
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class UploadedSeries:
+    """A series read from an upload and its lung mask (segmented once, for every click on it)."""
+
+    series: CtSeries
+    lungs: np.ndarray
+
+    def describe(self, series_id: str) -> dict[str, object]:
+        rows, cols, slices = self.series.shape
+        return {
+            "series_id": series_id,
+            "name": str(self.series.folder),
+            "rows": rows,
+            "columns": cols,
+            "slices": slices,
+            "spacing_mm": list(self.series.spacing_mm),
+        }
+
+
+class SeriesStore:
+    """The last :data:`KEPT_SERIES` uploaded series, by a random id."""
+
+    def __init__(self, kept: int = KEPT_SERIES):
+        self.kept = kept
+        self._series: OrderedDict[str, UploadedSeries] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, file: BinaryIO, name: str) -> tuple[str, UploadedSeries]:
+        series = read_series_zip(file, name)
+        uploaded = UploadedSeries(series, segment_lungs(series.hu, series.spacing_mm))
+        series_id = secrets.token_hex(8)
+        with self._lock:
+            self._series[series_id] = uploaded
+            while len(self._series) > self.kept:
+                self._series.popitem(last=False)
+        return series_id, uploaded
+
+    def get(self, series_id: object) -> UploadedSeries:
+        with self._lock:
+            uploaded = self._series.get(series_id) if isinstance(series_id, str) else None
+        if uploaded is None:
+            raise InputDataError(
+                f"unknown series {series_id!r}: upload it (again); the server keeps the last {self.kept}"
+            )
+        return uploaded
+
+
+def read_series_zip(file: BinaryIO, name: str) -> CtSeries:
+    """The one CT series in a zip of DICOM files (any folder layout; the LIDC XML beside the
+    slices is read too). Errors name the file inside the zip, never the temporary folder."""
+    try:
+        archive = zipfile.ZipFile(file)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise InputDataError(f"not a readable zip archive ({error})", path=name) from None
+    with archive, tempfile.TemporaryDirectory(prefix="nodule-upload-") as tmp:
+        root = Path(tmp)
+        try:
+            folders = _unpack(archive, root, name)
+            if len(folders) != 1:
+                found = "no DICOM files (*.dcm)" if not folders else f"{len(folders)} folders of DICOM files"
+                raise InputDataError(f"the zip holds {found}; upload the folder of one CT series", path=name)
+            series = load_series(folders[0], UPLOAD_PATIENT)
+        except InputDataError as error:
+            shown = str(error).replace(str(root), name)
+            raise InputDataError(shown) from None
+        shown_folder = PurePosixPath(name, folders[0].relative_to(root).as_posix())
+        return dataclasses.replace(series, folder=Path(shown_folder))
+
+
+def _unpack(archive: zipfile.ZipFile, root: Path, name: str) -> list[Path]:
+    """Write the zip's files under ``root``, refusing names that leave it and archives that
+    unpack to more than :data:`MAX_FILES` files or :data:`MAX_UNPACKED_BYTES`; returns the folders
+    that hold ``.dcm`` files (macOS's ``__MACOSX`` copies left out)."""
+    members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
+    if len(members) > MAX_FILES:
+        raise InputDataError(f"the zip holds {len(members)} files, more than {MAX_FILES}", path=name)
+    written = 0
+    folders = set()
+    for member in members:
+        parts = PurePosixPath(member.filename.replace("\\", "/")).parts
+        if not parts or member.filename.startswith("/") or ".." in parts or ":" in parts[0]:
+            raise InputDataError(f"the zip holds a file outside its folder: {member.filename!r}", path=name)
+        target = root.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with archive.open(member) as source, target.open("wb") as out:
+                while chunk := source.read(_COPY_CHUNK):
+                    written += len(chunk)
+                    if written > MAX_UNPACKED_BYTES:
+                        raise InputDataError(f"the zip unpacks to more than {MAX_UNPACKED_BYTES >> 30} GB", path=name)
+                    out.write(chunk)
+        except InputDataError:
+            raise
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
+            raise InputDataError(f"{member.filename}: cannot unpack ({error})", path=name) from None
+        if target.suffix == ".dcm":  # what load_series reads
+            folders.add(target.parent)
+    return sorted(folders)
+
+
+def slice_png(uploaded: UploadedSeries, index: int, level: float, width: float) -> bytes:
+    """One axial slice of an uploaded series in an HU window, full resolution."""
+    slices = uploaded.series.shape[2]
+    if not 0 <= index < slices:
+        raise InputDataError(f"slice {index} is outside the series, which has slices 0..{slices - 1}")
+    if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+        raise InputDataError(f"the HU window needs a finite level and a positive width, got {level}, {width}")
+    return to_png(Image.fromarray(window(uploaded.series.hu[:, :, index], level, width)), optimize=False)
