@@ -61,7 +61,9 @@ def materialized(lidc_sample: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from nodule_pipeline.runner import run_pipeline
 
     data_dir = tmp_path_factory.mktemp("sample-data")
-    summary = run_pipeline(lidc_sample, data_dir, progress=lambda _: None, training=NO_ACCURACY_FLOOR, report="none")
+    # 40 epochs asked for: a trained model, not the small-data placeholder (searches rely on its predictions)
+    training = {**NO_ACCURACY_FLOOR, "epochs": 40}
+    summary = run_pipeline(lidc_sample, data_dir, progress=lambda _: None, training=training, report="none")
     assert not summary.failed, [o.error for o in summary.failed]
     assert summary.library_ok
     return data_dir

@@ -118,7 +118,9 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
     if train["label"].nunique() < 2:
         context.log.warning(f"the training split holds one class only {train['label'].value_counts().to_dict()}")
     network = config.network()
-    settings, small_data = fit_to_data(config.training(), len(train))
+    settings, small_data = config.training(), None
+    if config.epochs is None:  # an epoch count asked for is trained as asked
+        settings, small_data = fit_to_data(settings, len(train))
     if small_data:
         context.log.warning(small_data)
 
