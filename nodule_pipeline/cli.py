@@ -249,10 +249,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     ``dg dev``, not ``dagster dev`` (superseded in 1.13): in a checkout it loads the dg project of
     ``pyproject.toml``; an installed package (no checkout) is loaded as its module."""
     from nodule_pipeline.resources import DATA_DIR_ENV
+    from nodule_pipeline.runner import instance_home
 
     data_dir = Path(args.data_dir).resolve()
-    (data_dir / "dagster").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "DAGSTER_HOME": str(data_dir / "dagster"), DATA_DIR_ENV: str(data_dir)}
+    env = {**os.environ, "DAGSTER_HOME": str(instance_home(data_dir)), DATA_DIR_ENV: str(data_dir)}
     if sys.prefix != sys.base_prefix:  # dg compares the active environment with the project's .venv
         env["VIRTUAL_ENV"] = sys.prefix
     project = Path(__file__).resolve().parent.parent

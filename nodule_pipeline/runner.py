@@ -39,7 +39,15 @@ PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
 """Runs print only the assets' own messages (epochs, warnings), not Dagster's event stream."""
 LIBRARY_ASSET_NAMES = ("roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
 INGESTION_ASSET_NAMES = ("lidc_scan", "lung_mask", "nodule_rois")
-INSTANCE_YAML = "telemetry:\n  enabled: false\n"
+INSTANCE_YAML = """\
+telemetry:
+  enabled: false
+# The gpu and index pools (nodule_pipeline/concurrency.py): one training, one index build at a time.
+concurrency:
+  pools:
+    default_limit: 1
+"""
+"""The instance a new data dir gets: SQLite under ``<data-dir>/dagster``, the pools limited to one."""
 RUNNER_TAG = "nodule_pipeline/runner"
 """Host and pid of the runner process that executes a run in-process (see :func:`close_orphaned_runs`)."""
 
@@ -68,13 +76,19 @@ class RunSummary:
         return [o for o in self.outcomes if not o.ok]
 
 
-def open_instance(data_dir: Path) -> DagsterInstance:
-    """The persistent instance under ``data_dir/dagster`` (what ``make ui`` opens as DAGSTER_HOME)."""
+def instance_home(data_dir: Path) -> Path:
+    """``data_dir/dagster``, the DAGSTER_HOME of the data dir, with :data:`INSTANCE_YAML` unless it
+    holds an instance config already (deploy/dagster.yaml for PostgreSQL, say)."""
     home = data_dir / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text(INSTANCE_YAML)
-    return DagsterInstance.from_config(str(home))
+    return home
+
+
+def open_instance(data_dir: Path) -> DagsterInstance:
+    """The persistent instance under ``data_dir/dagster`` (what ``make ui`` opens as DAGSTER_HOME)."""
+    return DagsterInstance.from_config(str(instance_home(data_dir)))
 
 
 def failure_reason(result: ExecuteInProcessResult) -> str:
