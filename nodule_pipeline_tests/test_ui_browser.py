@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from playwright import sync_api
 
 from nodule_pipeline.lidc.demo_data import generate_patient
@@ -192,3 +194,61 @@ def test_lineage_of_the_evaluation_shows_its_upstream(page, ui: DagsterUI) -> No
     for name in ("retrieval_evaluation", "roi_dataset", "hash_model"):
         expect(graph_node(page, name)).to_be_visible()
     screenshot(page, "06-evaluation-lineage")
+
+
+LAUNCH_RUN = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+
+def test_two_hash_model_runs_never_train_at_once(ui: DagsterUI, pipeline) -> None:
+    """Two runs of hash_model submitted together, as the UI, a backfill or a sensor submits them:
+    the queue, the daemon and the run launcher of ``nodule-pipeline ui`` start them, and the
+    ``gpu`` pool (limit 1, the data dir's instance config) lets one train at a time."""
+    assert ui.graphql("{ instance { poolConfig { defaultPoolLimit } } }")["instance"]["poolConfig"] == {
+        "defaultPoolLimit": 1
+    }
+    params = {
+        "selector": {
+            "repositoryLocationName": "nodule_pipeline",
+            "repositoryName": "__repository__",
+            "jobName": "retrain",
+            "assetSelection": [{"path": ["hash_model"]}],
+        },
+        "runConfigData": {"ops": {"hash_model": {"config": QUICK_TRAINING}}},
+    }
+    run_ids = []
+    for _ in range(2):
+        launched = ui.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_ids.append(launched["run"]["runId"])
+
+    instance = DagsterInstance.from_config(str(pipeline[1] / "dagster"))
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000 * 2
+    while time.monotonic() < deadline:
+        runs = [instance.get_run_by_id(run_id) for run_id in run_ids]
+        if all(run.is_finished for run in runs):
+            break
+        time.sleep(2)
+    assert [run.status for run in runs] == [DagsterRunStatus.SUCCESS] * 2, [run.status for run in runs]
+
+    def training(run_id: str) -> tuple[float, float]:
+        """When the run's hash_model step started and succeeded (event log timestamps)."""
+        started, succeeded = (
+            [e.timestamp for e in instance.all_logs(run_id, of_type=kind) if e.step_key == "hash_model"]
+            for kind in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS)
+        )
+        assert len(started) == len(succeeded) == 1
+        return started[0], succeeded[0]
+
+    first, second = sorted(training(run_id) for run_id in run_ids)
+    queued = [instance.get_run_record_by_id(run_id).create_timestamp.timestamp() for run_id in run_ids]
+    assert max(queued) < first[1]  # both runs were in the instance while the first one trained
+    assert second[0] >= first[1], f"hash_model trained in two runs at once: {first} and {second}"
