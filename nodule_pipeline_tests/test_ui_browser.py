@@ -249,6 +249,45 @@ def test_two_hash_model_runs_never_train_at_once(ui: DagsterUI, pipeline) -> Non
         return started[0], succeeded[0]
 
     first, second = sorted(training(run_id) for run_id in run_ids)
+    # The later run waited for the pool: held in the queue by the daemon, or at its step.
+    waited_in_queue = [r for r in run_ids if f"Run {r} is blocked by global concurrency limits" in ui.log.read_text()]
+    waited_at_step = [
+        r
+        for r in run_ids
+        for e in instance.all_logs(r, of_type=DagsterEventType.ENGINE_EVENT)
+        if e.message.startswith("Step blocked by limit for pool gpu")
+    ]
+    assert waited_in_queue or waited_at_step
     queued = [instance.get_run_record_by_id(run_id).create_timestamp.timestamp() for run_id in run_ids]
     assert max(queued) < first[1]  # both runs were in the instance while the first one trained
     assert second[0] >= first[1], f"hash_model trained in two runs at once: {first} and {second}"
+
+
+PATIENT_CHECKS = {
+    "lidc_scan": ["hu_range_plausible"],
+    "lung_mask": ["lung_volume_plausible"],
+    "nodule_rois": ["roi_centres_in_lung_or_outline", "rois_account_for_rated_annotations"],
+}
+CHECK_STATUSES = """
+query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode { assetChecksOrError {
+  ... on AssetChecks { checks { name partitionStatuses {
+    ... on AssetCheckDefaultPartitionStatuses { succeededPartitions failedPartitions } } } } } } } }
+"""
+
+
+@pytest.mark.parametrize("asset", PATIENT_CHECKS)
+def test_ingestion_checks_pass_per_patient_in_the_ui(page, ui: DagsterUI, asset: str) -> None:
+    """Each per-patient check has a result per partition: the check's Partitions tab lists both
+    patients as passed."""
+    node = ui.graphql(CHECK_STATUSES, {"key": {"path": [asset]}})["assetNodeOrError"]
+    statuses = {c["name"]: c["partitionStatuses"] for c in node["assetChecksOrError"]["checks"]}
+    assert sorted(statuses) == PATIENT_CHECKS[asset]
+    for check in PATIENT_CHECKS[asset]:
+        assert statuses[check] == {"succeededPartitions": sorted(PATIENTS), "failedPartitions": []}
+        page.goto(ui.url + f"/assets/{asset}?" + urllib.parse.urlencode({"view": "checks", "checkDetail": check}))
+        expect(page.get_by_text(check, exact=True).filter(visible=True).first).to_be_visible()  # its detail
+        page.get_by_role("tab", name="Partitions", exact=True).last.click()
+        expect(page.get_by_text(f"Passed ({len(PATIENTS)})", exact=True)).to_be_visible()
+        for patient_id in PATIENTS:
+            expect(page.get_by_text(patient_id, exact=True).filter(visible=True).last).to_be_visible()
+        screenshot(page, f"07-checks-{asset}-{check}")
