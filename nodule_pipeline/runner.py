@@ -123,11 +123,14 @@ def _partition_key(patient: str, folders: dict[str, Path]) -> str:
 
 def close_orphaned_runs(instance: DagsterInstance) -> int:
     """Mark failed the runs that a runner on this host started and did not live to finish (it was
-    killed or crashed): they would otherwise show as running in the UI for ever."""
+    killed or crashed): they would otherwise show as running in the UI for ever, and the pool
+    slots they held (a training killed mid-way) would keep every later training waiting."""
     closed = 0
     for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTING, DagsterRunStatus.STARTED])):
         if RUNNER_TAG in run.tags and owner_died(run.tags[RUNNER_TAG]):
             instance.report_run_failed(run, message="the process running it stopped (killed or crashed) mid-run")
+            if instance.event_log_storage.supports_global_concurrency_limits:
+                instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             closed += 1
     return closed
 

@@ -53,8 +53,8 @@ def test_run_launcher_values_fit_the_k8s_run_launcher_schema() -> None:
 
 
 def test_helm_concurrency_is_the_instance_concurrency() -> None:
-    """Pools and run-queue limits are the same in deploy/dagster.yaml and the Helm values, and
-    both read as valid instance config."""
+    """Pools, run-queue limits and run monitoring (which frees the slots of runs that died) are
+    the same in deploy/dagster.yaml and the Helm values, and read as valid instance config."""
     instance = INSTANCE["concurrency"]
     assert instance["pools"] == {"default_limit": 1, "granularity": "op"}
     helm = VALUES["concurrency"]
@@ -62,6 +62,8 @@ def test_helm_concurrency_is_the_instance_concurrency() -> None:
     queue = VALUES["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
     assert queue["maxConcurrentRuns"] == instance["runs"]["max_concurrent_runs"]
     assert queue["tagConcurrencyLimits"] == instance["runs"]["tag_concurrency_limits"]
+    monitoring = VALUES["dagsterDaemon"]["runMonitoring"]
+    assert monitoring["enabled"] and snake_case(monitoring) == INSTANCE["run_monitoring"]
     result = validate_config(dagster_instance_config_schema(), INSTANCE)
     assert result.success, [error.message for error in result.errors]
 
