@@ -126,6 +126,13 @@ def graph_node(page, name: str):
     return page.locator("svg foreignObject").get_by_text(label)
 
 
+def test_the_ui_starts_as_dg_dev_without_a_supersession_warning(ui: DagsterUI) -> None:
+    """``nodule-pipeline ui`` runs ``dg dev``; ``dagster dev`` is superseded in 1.13 and says so."""
+    started = ui.log.read_text()
+    assert "All component YAML validated successfully" in started  # dg's own check before it starts
+    assert "SupersessionWarning" not in started and "superseded" not in started
+
+
 def test_asset_graph_shows_every_asset(page, ui: DagsterUI) -> None:
     nav_link(page, "Lineage").click()
     expect(page.get_by_text("Global asset lineage", exact=True)).to_be_visible()
