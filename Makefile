@@ -6,13 +6,13 @@ DATA_DIR ?= data
 DEMO_PATIENTS ?= 24
 REPORT ?= quick
 
-.PHONY: demo ui test lint bench venv clean-data
+.PHONY: demo ui test lint bench venv clean-data snapshot
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,k8s]'
 	touch $@
 
 demo: venv  ## generate the demo data if absent, materialize every asset, print a summary (REPORT=full: whole report)
@@ -23,6 +23,10 @@ ui: venv  ## the Dagster UI on the same instance (http://127.0.0.1:3000)
 
 test: venv  ## the whole test suite
 	$(BIN)/python -m pytest
+
+snapshot: venv  ## after a deliberate change of assets, checks, jobs, schedules or sensors: rewrite the snapshot the tests compare with
+	NODULE_PIPELINE_UPDATE_SNAPSHOT=1 $(BIN)/python -m pytest -q nodule_pipeline_tests/test_definitions.py -k snapshot
+	git diff --stat -- nodule_pipeline_tests/snapshots
 
 bench: venv  ## benchmarks (ingestion vs pylidc, search vs FAISS, training): bench-out/bench.{json,md}; BENCH=full adds 10^7 items
 	$(BIN)/nodule-pipeline bench --out bench-out $(if $(filter full,$(BENCH)),,--quick)

@@ -27,9 +27,10 @@ from dagster import (
 )
 
 from nodule_pipeline.arrivals import ArrivalState, find_arrivals
+from nodule_pipeline.concurrency import INDEX, INGEST, TRAIN
 from nodule_pipeline.currency import ingested_fingerprint
 from nodule_pipeline.errors import InputDataError
-from nodule_pipeline.jobs import INDEX, INGEST, TRAIN, ingest_patient_job, retrain_job
+from nodule_pipeline.jobs import ingest_patient_job, retrain_job
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.resources import ScanSource
 
@@ -94,6 +95,7 @@ weekly_retrain = ScheduleDefinition(
     name="weekly_retrain",
     job=retrain_job,
     cron_schedule=os.environ.get(RETRAIN_CRON_ENV, DEFAULT_RETRAIN_CRON),
+    tags=TRAIN,
     default_status=DefaultScheduleStatus.RUNNING,
     description="Retrain hash_model on everything ingested so far, then re-encode the index and evaluate.",
 )

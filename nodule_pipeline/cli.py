@@ -257,15 +257,23 @@ def cmd_reveal(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Serve the Dagster UI on the instance and artefacts under ``--data-dir`` (127.0.0.1 only)."""
+    """Serve the Dagster UI on the instance and artefacts under ``--data-dir`` (127.0.0.1 only).
+
+    ``dg dev``, not ``dagster dev`` (superseded in 1.13): in a checkout it loads the dg project of
+    ``pyproject.toml``; an installed package (no checkout) is loaded as its module."""
     from nodule_pipeline.resources import DATA_DIR_ENV
+    from nodule_pipeline.runner import instance_home
 
     data_dir = Path(args.data_dir).resolve()
-    (data_dir / "dagster").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "DAGSTER_HOME": str(data_dir / "dagster"), DATA_DIR_ENV: str(data_dir)}
-    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
-    command = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port)]
-    command += ["-w", str(workspace)] if workspace.exists() else ["-m", "nodule_pipeline.definitions"]
+    env = {**os.environ, "DAGSTER_HOME": str(instance_home(data_dir)), DATA_DIR_ENV: str(data_dir)}
+    if sys.prefix != sys.base_prefix:  # dg compares the active environment with the project's .venv
+        env["VIRTUAL_ENV"] = sys.prefix
+    project = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "dagster_dg_cli.cli", "dev", "-h", args.host, "-p", str(args.port)]
+    if (project / "pyproject.toml").exists():
+        command += ["--target-path", str(project)]
+    else:
+        command += ["-m", "nodule_pipeline.definitions"]
     os.execvpe(command[0], command, env)
     return 0
 

@@ -1,13 +1,12 @@
 """Jobs: what a run materializes. Each carries a ``nodule_pipeline/stage`` tag that the
-production run queue limits (deploy/dagster.yaml: a few ingestion runs, one training run)."""
+production run queue limits (deploy/dagster.yaml: a few ingestion runs, one training run); the
+training jobs also ask Kubernetes for a GPU (see :mod:`nodule_pipeline.concurrency`)."""
 
 from dagster import AssetSelection, define_asset_job
 
 from nodule_pipeline.assets import INGESTION_ASSETS, LIBRARY_ASSETS
+from nodule_pipeline.concurrency import INDEX, INGEST, TRAIN
 from nodule_pipeline.partitions import patients_partitions
-
-STAGE_TAG = "nodule_pipeline/stage"
-INGEST, INDEX, TRAIN = ({STAGE_TAG: stage} for stage in ("ingest", "index", "train"))
 
 ingest_patient_job = define_asset_job(
     "ingest_patient",

@@ -1,7 +1,7 @@
 """Configurable resources: where scans live and where artefacts go.
 
 Both read their defaults from the environment (``NODULE_PIPELINE_DATA_DIR``,
-``NODULE_PIPELINE_LIDC_ROOT``) so the CLI, ``dagster dev`` and tests point at the same folders.
+``NODULE_PIPELINE_LIDC_ROOT``) so the CLI, ``dg dev`` and tests point at the same folders.
 """
 
 from __future__ import annotations

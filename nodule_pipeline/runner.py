@@ -47,7 +47,15 @@ PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
 """Runs print only the assets' own messages (epochs, warnings), not Dagster's event stream."""
 LIBRARY_ASSET_NAMES = ("roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
 INGESTION_ASSET_NAMES = ("lidc_scan", "lung_mask", "nodule_rois")
-INSTANCE_YAML = "telemetry:\n  enabled: false\n"
+INSTANCE_YAML = """\
+telemetry:
+  enabled: false
+# The gpu and index pools (nodule_pipeline/concurrency.py): one training, one index build at a time.
+concurrency:
+  pools:
+    default_limit: 1
+"""
+"""The instance a new data dir gets: SQLite under ``<data-dir>/dagster``, the pools limited to one."""
 RUNNER_TAG = "nodule_pipeline/runner"
 """Host and pid of the runner process that executes a run in-process (see :func:`close_orphaned_runs`)."""
 
@@ -86,13 +94,19 @@ class RunSummary:
         return summarise_ingestion(PatientIngest(o.patient_id, o.scan, o.metadata, o.error) for o in self.outcomes)
 
 
-def open_instance(data_dir: Path) -> DagsterInstance:
-    """The persistent instance under ``data_dir/dagster`` (what ``make ui`` opens as DAGSTER_HOME)."""
+def instance_home(data_dir: Path) -> Path:
+    """``data_dir/dagster``, the DAGSTER_HOME of the data dir, with :data:`INSTANCE_YAML` unless it
+    holds an instance config already (deploy/dagster.yaml for PostgreSQL, say)."""
     home = data_dir / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text(INSTANCE_YAML)
-    return DagsterInstance.from_config(str(home))
+    return home
+
+
+def open_instance(data_dir: Path) -> DagsterInstance:
+    """The persistent instance under ``data_dir/dagster`` (what ``make ui`` opens as DAGSTER_HOME)."""
+    return DagsterInstance.from_config(str(instance_home(data_dir)))
 
 
 def failure_reason(result: ExecuteInProcessResult) -> str:
@@ -124,11 +138,14 @@ def _partition_key(patient: str, folders: dict[str, Path]) -> str:
 
 def close_orphaned_runs(instance: DagsterInstance) -> int:
     """Mark failed the runs that a runner on this host started and did not live to finish (it was
-    killed or crashed): they would otherwise show as running in the UI for ever."""
+    killed or crashed): they would otherwise show as running in the UI for ever, and the pool
+    slots they held (a training killed mid-way) would keep every later training waiting."""
     closed = 0
     for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTING, DagsterRunStatus.STARTED])):
         if RUNNER_TAG in run.tags and owner_died(run.tags[RUNNER_TAG]):
             instance.report_run_failed(run, message="the process running it stopped (killed or crashed) mid-run")
+            if instance.event_log_storage.supports_global_concurrency_limits:
+                instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             closed += 1
     return closed
 

@@ -1,8 +1,9 @@
 """Start and stop the Dagster UI (``nodule-pipeline ui``) on a data dir for browser tests.
 
-``dagster dev`` runs a webserver, a daemon and code servers; started from a script it ignores
-SIGTERM, so it runs in its own process group, with SIGINT restored, and is stopped through the
-whole group (SIGINT, then SIGTERM, then SIGKILL as a last resort).
+``dg dev`` (what ``nodule-pipeline ui`` runs) starts a webserver, a daemon and code servers;
+started from a script it ignores SIGTERM, so it runs in its own process group, with SIGINT
+restored, and is stopped through the whole group (SIGINT, then SIGTERM, then SIGKILL as a last
+resort).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _wait_ready(ui: DagsterUI, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ui.process.poll() is not None:
-            raise RuntimeError(f"dagster dev exited with {ui.process.returncode}:\n{ui.log.read_text()[-4000:]}")
+            raise RuntimeError(f"nodule-pipeline ui exited with {ui.process.returncode}:\n{ui.log.read_text()[-4000:]}")
         try:
             with urllib.request.urlopen(f"{ui.url}/server_info", timeout=5) as response:
                 if response.status == 200:

@@ -20,7 +20,7 @@ from dagster._core.test_utils import in_process_test_workspace
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
-from nodule_pipeline.jobs import STAGE_TAG
+from nodule_pipeline.concurrency import STAGE_TAG
 from nodule_pipeline.lidc.demo_data import generate_patient
 from nodule_pipeline.runner import RunSummary, open_instance, run_pipeline
 from nodule_pipeline_tests.conftest import QUICK_TRAINING

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dagster import AssetCheckKey, AssetKey
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from nodule_pipeline.lidc.lung_mask import label_lungs, lung_volume_ml
 from nodule_pipeline.lidc.pylidc_compat import load_pylidc
@@ -62,3 +64,33 @@ def test_dataset_and_instance(materialized: Path) -> None:
     assert table.groupby("patient_id")["split"].nunique().eq(1).all()
     instance = open_instance(materialized)
     assert sorted(instance.get_dynamic_partitions("patients")) == list(SAMPLE_PATIENTS)
+
+
+PATIENT_CHECKS = [
+    ("lidc_scan", "hu_range_plausible"),
+    ("lung_mask", "lung_volume_plausible"),
+    ("nodule_rois", "rois_account_for_rated_annotations"),
+    ("nodule_rois", "roi_centres_in_lung_or_outline"),
+]
+
+
+@pytest.mark.parametrize(("asset", "check"), PATIENT_CHECKS)
+def test_per_patient_checks_pass_on_real_scans(materialized: Path, asset: str, check: str) -> None:
+    """One result per patient partition, passed, with what it measured on the real scans."""
+    instance = open_instance(materialized)
+    records = instance.event_log_storage.get_asset_check_execution_history(
+        AssetCheckKey(AssetKey(asset), check), limit=100
+    )
+    assert sorted(r.partition for r in records) == sorted(SAMPLE_PATIENTS)
+    assert {r.status for r in records} == {AssetCheckExecutionRecordStatus.SUCCEEDED}
+    pl = load_pylidc()
+    for record in records:
+        evaluation = record.event.dagster_event.event_specific_data
+        assert evaluation.passed and evaluation.partition == record.partition
+        metadata = {key: value.value for key, value in evaluation.metadata.items()}
+        if check == "rois_account_for_rated_annotations":
+            scan = pl.query(pl.Scan).filter(pl.Scan.patient_id == record.partition).one()
+            assert metadata["rated_annotations"] == len(scan.annotations)
+            assert metadata["rois_kept"] + metadata["rated_3_dropped"] == len(scan.annotations)
+        if check == "hu_range_plausible":
+            assert metadata["lowest_hu"] <= -1000 < 1000 <= metadata["highest_hu"]

@@ -16,13 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import DagsterRunStatus, RunsFilter
+from dagster import DagsterEvent, DagsterEventType, DagsterRunStatus, RunsFilter
 
+from nodule_pipeline.concurrency import GPU_POOL
 from nodule_pipeline.currency import latest_record
+from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.lidc.demo_data import generate_patient
 from nodule_pipeline.resources import load_artefact
-from nodule_pipeline.runner import RUNNER_TAG, open_instance, run_pipeline
-from nodule_pipeline.storage import artefact_folder, artefacts_dir
+from nodule_pipeline.runner import RUNNER_TAG, close_orphaned_runs, open_instance, run_pipeline
+from nodule_pipeline.storage import artefact_folder, artefacts_dir, owner_tag
 from nodule_pipeline_tests.conftest import QUICK_TRAINING
 
 PATIENTS = ("LIDC-IDRI-0078", "LIDC-IDRI-0171", "LIDC-IDRI-0957")  # the order a run takes them
@@ -142,3 +144,23 @@ def test_rerun_redoes_a_finished_patient(resumed) -> None:
     (outcome,) = summary.outcomes
     assert outcome.ok and not outcome.skipped
     assert not summary.library_skipped  # new ROIs of a patient: the library follows
+
+
+def test_a_training_killed_mid_way_gives_its_gpu_slot_back(tmp_path: Path) -> None:
+    """A runner killed while hash_model held the gpu pool's one slot: the next run closes the
+    killed run and frees the slot, instead of waiting for it for ever."""
+    instance = open_instance(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
+    pid = int(dead.communicate()[0])
+    run = instance.create_run_for_job(
+        build_definitions(tmp_path, tmp_path / "lidc").resolve_job_def("retrain"),
+        tags={RUNNER_TAG: owner_tag().replace(f"~{os.getpid()}~", f"~{pid}~")},
+    )
+    instance.handle_run_event(run.run_id, DagsterEvent(DagsterEventType.RUN_START.value, job_name=run.job_name))
+    instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
+    assert instance.event_log_storage.claim_concurrency_slot(GPU_POOL, run.run_id, "hash_model").is_claimed
+    assert instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots
+
+    assert close_orphaned_runs(instance) == 1
+    assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+    assert not instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from playwright import sync_api
 
 from nodule_pipeline.lidc.demo_data import generate_patient
@@ -98,6 +100,13 @@ def graph_node(page, name: str):
     return page.locator("svg foreignObject").get_by_text(label)
 
 
+def test_the_ui_starts_as_dg_dev_without_a_supersession_warning(ui: DagsterUI) -> None:
+    """``nodule-pipeline ui`` runs ``dg dev``; ``dagster dev`` is superseded in 1.13 and says so."""
+    started = ui.log.read_text()
+    assert "All component YAML validated successfully" in started  # dg's own check before it starts
+    assert "SupersessionWarning" not in started and "superseded" not in started
+
+
 def test_asset_graph_shows_every_asset(page, ui: DagsterUI) -> None:
     nav_link(page, "Lineage").click()
     expect(page.get_by_text("Global asset lineage", exact=True)).to_be_visible()
@@ -166,3 +175,100 @@ def test_lineage_of_the_evaluation_shows_its_upstream(page, ui: DagsterUI) -> No
     for name in ("retrieval_evaluation", "roi_dataset", "hash_model"):
         expect(graph_node(page, name)).to_be_visible()
     screenshot(page, "06-evaluation-lineage")
+
+
+LAUNCH_RUN = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+
+def test_two_hash_model_runs_never_train_at_once(ui: DagsterUI, pipeline) -> None:
+    """Two runs of hash_model submitted together, as the UI, a backfill or a sensor submits them:
+    the queue, the daemon and the run launcher of ``nodule-pipeline ui`` start them, and the
+    ``gpu`` pool (limit 1, the data dir's instance config) lets one train at a time."""
+    assert ui.graphql("{ instance { poolConfig { defaultPoolLimit } } }")["instance"]["poolConfig"] == {
+        "defaultPoolLimit": 1
+    }
+    params = {
+        "selector": {
+            "repositoryLocationName": "nodule_pipeline",
+            "repositoryName": "__repository__",
+            "jobName": "retrain",
+            "assetSelection": [{"path": ["hash_model"]}],
+        },
+        "runConfigData": {"ops": {"hash_model": {"config": QUICK_TRAINING}}},
+    }
+    run_ids = []
+    for _ in range(2):
+        launched = ui.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_ids.append(launched["run"]["runId"])
+
+    instance = DagsterInstance.from_config(str(pipeline[1] / "dagster"))
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000 * 2
+    while time.monotonic() < deadline:
+        runs = [instance.get_run_by_id(run_id) for run_id in run_ids]
+        if all(run.is_finished for run in runs):
+            break
+        time.sleep(2)
+    assert [run.status for run in runs] == [DagsterRunStatus.SUCCESS] * 2, [run.status for run in runs]
+
+    def training(run_id: str) -> tuple[float, float]:
+        """When the run's hash_model step started and succeeded (event log timestamps)."""
+        started, succeeded = (
+            [e.timestamp for e in instance.all_logs(run_id, of_type=kind) if e.step_key == "hash_model"]
+            for kind in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS)
+        )
+        assert len(started) == len(succeeded) == 1
+        return started[0], succeeded[0]
+
+    first, second = sorted(training(run_id) for run_id in run_ids)
+    # The later run waited for the pool: held in the queue by the daemon, or at its step.
+    waited_in_queue = [r for r in run_ids if f"Run {r} is blocked by global concurrency limits" in ui.log.read_text()]
+    waited_at_step = [
+        r
+        for r in run_ids
+        for e in instance.all_logs(r, of_type=DagsterEventType.ENGINE_EVENT)
+        if e.message.startswith("Step blocked by limit for pool gpu")
+    ]
+    assert waited_in_queue or waited_at_step
+    queued = [instance.get_run_record_by_id(run_id).create_timestamp.timestamp() for run_id in run_ids]
+    assert max(queued) < first[1]  # both runs were in the instance while the first one trained
+    assert second[0] >= first[1], f"hash_model trained in two runs at once: {first} and {second}"
+
+
+PATIENT_CHECKS = {
+    "lidc_scan": ["hu_range_plausible"],
+    "lung_mask": ["lung_volume_plausible"],
+    "nodule_rois": ["roi_centres_in_lung_or_outline", "rois_account_for_rated_annotations"],
+}
+CHECK_STATUSES = """
+query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode { assetChecksOrError {
+  ... on AssetChecks { checks { name partitionStatuses {
+    ... on AssetCheckDefaultPartitionStatuses { succeededPartitions failedPartitions } } } } } } } }
+"""
+
+
+@pytest.mark.parametrize("asset", PATIENT_CHECKS)
+def test_ingestion_checks_pass_per_patient_in_the_ui(page, ui: DagsterUI, asset: str) -> None:
+    """Each per-patient check has a result per partition: the check's Partitions tab lists both
+    patients as passed."""
+    node = ui.graphql(CHECK_STATUSES, {"key": {"path": [asset]}})["assetNodeOrError"]
+    statuses = {c["name"]: c["partitionStatuses"] for c in node["assetChecksOrError"]["checks"]}
+    assert sorted(statuses) == PATIENT_CHECKS[asset]
+    for check in PATIENT_CHECKS[asset]:
+        assert statuses[check] == {"succeededPartitions": sorted(PATIENTS), "failedPartitions": []}
+        page.goto(ui.url + f"/assets/{asset}?" + urllib.parse.urlencode({"view": "checks", "checkDetail": check}))
+        expect(page.get_by_text(check, exact=True).filter(visible=True).first).to_be_visible()  # its detail
+        page.get_by_role("tab", name="Partitions", exact=True).last.click()
+        expect(page.get_by_text(f"Passed ({len(PATIENTS)})", exact=True)).to_be_visible()
+        for patient_id in PATIENTS:
+            expect(page.get_by_text(patient_id, exact=True).filter(visible=True).last).to_be_visible()
+        screenshot(page, f"07-checks-{asset}-{check}")

@@ -9,6 +9,7 @@ import pandas as pd
 from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
 
 from nodule_pipeline.assets.refresh import AFTER_RETRAIN
+from nodule_pipeline.concurrency import GPU_POOL
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.evaluation import Deployed, EvaluationConfig, NotEnoughData, evaluate
 from nodule_pipeline.hashing.index import HashIndex
@@ -31,7 +32,13 @@ class EvaluationSettings(Config):
     epochs: int | None = None
 
 
-@asset(group_name="evaluation", code_version="2", kinds={"json", "markdown"}, automation_condition=AFTER_RETRAIN)
+@asset(
+    group_name="evaluation",
+    code_version="2",
+    kinds={"json", "markdown"},
+    automation_condition=AFTER_RETRAIN,
+    pool=GPU_POOL,  # the comparison study trains networks on the same device as hash_model
+)
 def retrieval_evaluation(
     context: AssetExecutionContext,
     config: EvaluationSettings,

@@ -17,6 +17,7 @@ from dagster import (
 )
 
 from nodule_pipeline.assets.refresh import WHEN_DATASET_OR_MODEL_CHANGES
+from nodule_pipeline.concurrency import INDEX_POOL
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.index import HashIndex, build_index, bytes_per_item
 from nodule_pipeline.hashing.search import search
@@ -66,6 +67,7 @@ def example_pictures(index, model, queries: pd.DataFrame, k: int = 6) -> str:
     group_name="hashing",
     code_version="2",
     kinds={"numpy"},
+    pool=INDEX_POOL,
     automation_condition=WHEN_DATASET_OR_MODEL_CHANGES,
 )
 def hash_index(

@@ -17,6 +17,7 @@ from dagster import (
     asset,
 )
 
+from nodule_pipeline.concurrency import GPU_POOL
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.card import ModelArtefact, library_versions, weights_fingerprint
 from nodule_pipeline.hashing.codes import code_health
@@ -105,6 +106,7 @@ ACCURACY_FLOOR = "test_accuracy_floor"
     group_name="hashing",
     code_version="2",
     kinds={"pytorch"},
+    pool=GPU_POOL,
     check_specs=[AssetCheckSpec(ACCURACY_FLOOR, asset="hash_model", blocking=True)],
 )
 def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_dataset: pd.DataFrame):

@@ -2,14 +2,27 @@
 
 import numpy as np
 import pandas as pd
-from dagster import AssetExecutionContext, AssetIn, Config, DataVersion, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetIn,
+    Config,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
 
-from nodule_pipeline.lidc.rois import RoiSettings, extract_rois
+from nodule_pipeline.lidc.rois import RoiSettings, account_for_annotations, centres_outside, extract_rois
 from nodule_pipeline.lidc.series import CtSeries
-from nodule_pipeline.partitions import patients_partitions
+from nodule_pipeline.partitions import patient_check, patients_partitions
 from nodule_pipeline.pictures import markdown_image, roi_montage
 from nodule_pipeline.resources import LAZY_VOLUMES
 from nodule_pipeline.roi_table import empty_roi_table, roi_images, table_fingerprint, validate_roi_table
+
+ROIS_ACCOUNT_FOR_ANNOTATIONS = "rois_account_for_rated_annotations"
+CENTRES_IN_LUNG_OR_OUTLINE = "roi_centres_in_lung_or_outline"
 
 
 class RoiConfig(Config):
@@ -25,6 +38,19 @@ class RoiConfig(Config):
     kinds={"parquet"},
     # ROIs need the rows around each nodule's centre only: the stored scan is read lazily.
     ins={"lidc_scan": AssetIn(metadata={LAZY_VOLUMES: True}), "lung_mask": AssetIn()},
+    check_specs=[
+        patient_check(
+            ROIS_ACCOUNT_FOR_ANNOTATIONS,
+            "nodule_rois",
+            "ROIs kept + rating-3 annotations dropped = the rated annotations of the scan's XML, one ROI per "
+            "annotation rated 1, 2, 4 or 5.",
+        ),
+        patient_check(
+            CENTRES_IN_LUNG_OR_OUTLINE,
+            "nodule_rois",
+            "Every ROI's centre voxel lies in the lung mask or in its reader's nodule outline on that slice.",
+        ),
+    ],
 )
 def nodule_rois(
     context: AssetExecutionContext, config: RoiConfig, lidc_scan: list[CtSeries], lung_mask: dict[str, np.ndarray]
@@ -41,7 +67,7 @@ def nodule_rois(
     rois = validate_roi_table(pd.concat(tables, ignore_index=True) if tables else empty_roi_table())
     labels = rois["label"].to_numpy()
     version = table_fingerprint(rois)
-    return Output(
+    yield Output(
         rois,
         data_version=DataVersion(version),
         metadata={
@@ -53,4 +79,24 @@ def nodule_rois(
             ),
             "data_version": version,
         },
+    )
+    account = account_for_annotations(lidc_scan, rois)
+    yield AssetCheckResult(
+        check_name=ROIS_ACCOUNT_FOR_ANNOTATIONS,
+        passed=account.balanced,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "rated_annotations": account.rated,
+            "rois_kept": account.rois,
+            "rated_3_dropped": account.indeterminate,
+            "without_roi": MetadataValue.json(list(account.without_roi)),
+            "unexplained_rois": MetadataValue.json(list(account.unexplained_rois)),
+        },
+    )
+    outside = centres_outside(rois, lidc_scan, lung_mask)
+    yield AssetCheckResult(
+        check_name=CENTRES_IN_LUNG_OR_OUTLINE,
+        passed=not outside,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"rois": len(rois), "centres_outside": len(outside), "outside": MetadataValue.json(outside[:20])},
     )

@@ -3,19 +3,43 @@
 import time
 from collections import Counter
 
-from dagster import AssetExecutionContext, MetadataValue, asset
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetExecutionContext, MetadataValue, Output, asset
 
 from nodule_pipeline import privacy
 from nodule_pipeline.arrivals import content_fingerprint
 from nodule_pipeline.currency import SOURCE_FINGERPRINT
-from nodule_pipeline.lidc.series import CtSeries, find_series_folders, load_series
-from nodule_pipeline.partitions import patients_partitions
+from nodule_pipeline.lidc.series import (
+    AIR_HU_MAX,
+    DENSE_HU_RANGE,
+    LOWEST_STORED_HU,
+    find_series_folders,
+    hu_range,
+    load_series,
+)
+from nodule_pipeline.partitions import patient_check, patients_partitions
 from nodule_pipeline.pictures import markdown_image, mask_overlay
 from nodule_pipeline.resources import ScanSource
 
+HU_RANGE = "hu_range_plausible"
 
-@asset(partitions_def=patients_partitions, group_name="ingestion", code_version="2", kinds={"dicom", "numpy"})
-def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[CtSeries]:
+
+@asset(
+    partitions_def=patients_partitions,
+    group_name="ingestion",
+    code_version="2",
+    kinds={"dicom", "numpy"},
+    check_specs=[
+        patient_check(
+            HU_RANGE,
+            "lidc_scan",
+            f"Every series reads as Hounsfield units of a chest CT: nothing below {LOWEST_STORED_HU}, its darkest "
+            f"percent air (<= {AIR_HU_MAX}), its brightest percent within {DENSE_HU_RANGE}. Blocking: no lung "
+            "mask or ROIs are cut from a volume that is not in HU.",
+            blocking=True,
+        )
+    ],
+)
+def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource):
     """Every CT series of the patient (TCIA layouts) with its LIDC XML annotations, validated:
     readable slices, one series per folder, no missing slices, annotations on slices of the
     series. Other series (radiographs, SEG, SR) are skipped and listed; slices sharing a z keep
@@ -40,8 +64,10 @@ def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[C
     if pseudonymiser:
         series_list = [series.pseudonymised(pseudonymiser) for series in series_list]
     middle = series_list[0].hu[:, :, series_list[0].hu.shape[2] // 2]
-    context.add_output_metadata(
-        {
+    ranges = {s.series_uid: hu_range(s.hu) for s in series_list}
+    yield Output(
+        series_list,
+        metadata={
             "series": len(series_list),
             "slices": sum(s.shape[2] for s in series_list),
             "shape": MetadataValue.json({s.series_uid: list(s.shape) for s in series_list}),
@@ -59,6 +85,15 @@ def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource) -> list[C
             SOURCE_FINGERPRINT: content_fingerprint(patient_dir),
             "seconds": round(time.perf_counter() - started, 2),
             "middle_slice": MetadataValue.md(markdown_image(mask_overlay(middle, middle < -10000), "middle slice")),
-        }
+        },
     )
-    return series_list
+    yield AssetCheckResult(
+        check_name=HU_RANGE,
+        passed=all(r.plausible for r in ranges.values()),
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "lowest_hu": min(r.lowest for r in ranges.values()),
+            "highest_hu": max(r.highest for r in ranges.values()),
+            "by_series": MetadataValue.json({uid: {**vars(r), "plausible": r.plausible} for uid, r in ranges.items()}),
+        },
+    )

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -318,6 +318,14 @@ class _Pylidc:
         return time.perf_counter() - clock
 
 
+def _output_value(events: Iterator[Any]) -> Any:
+    """The value an asset body yields as its output, its check results computed as in a run."""
+    from dagster import Output
+
+    (output,) = [event for event in events if isinstance(event, Output)]
+    return output.value
+
+
 class _Stages:
     """The three per-patient assets' work on one patient, reading and writing under ``workdir``."""
 
@@ -368,12 +376,12 @@ class _Stages:
         if loaded:
             times["read_s"], clock = _lap(clock)
         if stage == "load":
-            value = self.assets["lidc_scan"](contexts.asset, scan_source=self.scan_source)
+            value = _output_value(self.assets["lidc_scan"](contexts.asset, scan_source=self.scan_source))
             times["volume_mb"] = sum(s.hu.nbytes for s in value) / 2**20
         elif stage == "mask":
-            value = self.assets["lung_mask"](contexts.asset, **loaded)
+            value = _output_value(self.assets["lung_mask"](contexts.asset, **loaded))
         elif stage == "rois":
-            value = self.assets["nodule_rois"](contexts.asset, config=self.roi_config, **loaded).value
+            value = _output_value(self.assets["nodule_rois"](contexts.asset, config=self.roi_config, **loaded))
         else:
             raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
         times["compute_s"], clock = _lap(clock)

@@ -39,8 +39,10 @@ from skimage.segmentation import watershed
 
 __all__ = [
     "AIR_THRESHOLD_HU",
+    "PLAUSIBLE_LUNG_VOLUME_ML",
     "label_lungs",
     "lung_volume_ml",
+    "lung_volume_plausible",
     "pack_mask",
     "segment_lungs",
     "unpack_mask",
@@ -174,6 +176,17 @@ def lung_volume_ml(mask: np.ndarray, spacing_mm: tuple[float, float, float]) -> 
     """Volume of ``mask`` in millilitres (1 ml = 1000 mm^3)."""
     voxel_mm3 = float(np.prod([float(s) for s in spacing_mm]))
     return int(np.count_nonzero(mask)) * voxel_mm3 / 1000.0
+
+
+PLAUSIBLE_LUNG_VOLUME_ML = (1000.0, 10000.0)
+"""Both lungs of an adult chest CT: a few litres (real LIDC scans hold 2-8 l). Far less is a mask
+that lost a lung or a scan that stops short of the chest; far more is body or room air let in."""
+
+
+def lung_volume_plausible(volume_ml: float) -> bool:
+    """Whether a segmented lung volume lies in :data:`PLAUSIBLE_LUNG_VOLUME_ML`."""
+    low, high = PLAUSIBLE_LUNG_VOLUME_ML
+    return low <= volume_ml <= high
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:

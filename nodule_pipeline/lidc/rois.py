@@ -8,6 +8,7 @@ be judged per nodule as well.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,3 +202,57 @@ def extract_rois(
             )
             counts["kept"] += 1
     return pd.DataFrame(rows), counts
+
+
+@dataclass(frozen=True)
+class AnnotationAccount:
+    """How a patient's ROI table accounts for the readers' rated annotations in its scans."""
+
+    rated: int
+    indeterminate: int
+    rois: int
+    without_roi: tuple[str, ...]
+    """Annotation ids rated 1, 2, 4 or 5 that have no ROI row."""
+    unexplained_rois: tuple[str, ...]
+    """Annotation ids of ROI rows that no such annotation has."""
+
+    @property
+    def balanced(self) -> bool:
+        """ROIs kept + rated-3 annotations dropped = rated annotations, one ROI per annotation."""
+        return self.rois + self.indeterminate == self.rated and not self.without_roi and not self.unexplained_rois
+
+
+def account_for_annotations(series_list: Sequence[CtSeries], rois: pd.DataFrame) -> AnnotationAccount:
+    """Match a ROI table against the annotations of the series it was cut from."""
+    annotations = [a for series in series_list for a in series.annotations.annotations]
+    wanted = {a.annotation_id for a in annotations if a.malignancy != INDETERMINATE}
+    held = set(rois["annotation_id"].astype(str)) if len(rois) else set()
+    return AnnotationAccount(
+        rated=len(annotations),
+        indeterminate=sum(a.malignancy == INDETERMINATE for a in annotations),
+        rois=len(rois),
+        without_roi=tuple(sorted(wanted - held)),
+        unexplained_rois=tuple(sorted(held - wanted)),
+    )
+
+
+def centres_outside(
+    rois: pd.DataFrame, series_list: Sequence[CtSeries], lung_masks: dict[str, np.ndarray]
+) -> list[str]:
+    """Annotation ids of ROI rows whose centre voxel lies neither in the lung mask nor in the
+    reader's outline on the ROI's slice (or outside the volume, or in no known series)."""
+    found = {(s.series_uid, a.annotation_id): (s, a) for s in series_list for a in s.annotations.annotations}
+    outside = []
+    for row in rois.itertuples(index=False):
+        series, annotation = found.get((row.series_uid, row.annotation_id), (None, None))
+        voxel = (int(row.center_i), int(row.center_j), int(row.center_k))
+        if series is None or not all(0 <= v < n for v, n in zip(voxel, series.shape)):
+            outside.append(row.annotation_id)
+            continue
+        i, j, k = voxel
+        if lung_masks[series.series_uid][i, j, k]:
+            continue
+        outline = annotation_mask_slices(annotation, series.slice_z_mm, series.shape[:2]).get(k)
+        if outline is None or not outline[i, j]:
+            outside.append(row.annotation_id)
+    return outside

@@ -564,6 +564,43 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
     )
 
 
+LOWEST_STORED_HU = -3100
+"""Below anything a CT scanner stores: padding outside the field of view reads -2000 or -3024."""
+AIR_HU_MAX = -900
+"""Air reads about -1000 HU; a chest CT's darkest percent (room air, lungs) lies below this."""
+DENSE_HU_RANGE = (0.0, 3100.0)
+"""A chest CT's brightest percent is soft tissue, bone or contrast: at or above water, below metal."""
+
+
+@dataclass(frozen=True)
+class HuRange:
+    """The spread of a volume's values: extremes and the 1st/99th percentiles (of every 4th row and
+    column, which is plenty for a percentile). Unrescaled pixel data has no air, a wrong slope
+    puts air or bone far off."""
+
+    lowest: int
+    highest: int
+    darkest_percent: float
+    brightest_percent: float
+
+    @property
+    def plausible(self) -> bool:
+        """Hounsfield units of a chest CT: nothing below what scanners store, air, and tissue."""
+        low, high = DENSE_HU_RANGE
+        return (
+            self.lowest >= LOWEST_STORED_HU
+            and self.darkest_percent <= AIR_HU_MAX
+            and low <= self.brightest_percent <= high
+        )
+
+
+def hu_range(hu: np.ndarray) -> HuRange:
+    """The :class:`HuRange` of a (rows, cols, slices) volume."""
+    sample = np.asarray(hu[::4, ::4, :])
+    darkest, brightest = np.percentile(sample, [1, 99])
+    return HuRange(int(np.min(hu)), int(np.max(hu)), float(darkest), float(brightest))
+
+
 SCAN_FORMAT = 2
 """Stored scan format: 1 = each volume one zstd frame; 2 = one zstd frame per band of
 ``rows_per_frame`` rows with a byte-offset table in ``scan.json``, so a reader can decompress
