@@ -20,6 +20,7 @@ from nodule_pipeline.cli import build_parser, main
 from nodule_pipeline.hashing.searcher import NoduleSearcher
 from nodule_pipeline.lidc.annotations import CHARACTERISTICS
 from nodule_pipeline.serve.app import JSON_LIMIT, ROI_FILE_LIMIT, create_app
+from nodule_pipeline_tests.lidc_downloads import add_radiograph_study, link_patient, series_dir
 from nodule_pipeline_tests.search_server import (
     DAGSTER_URL,
     SearchServer,
@@ -229,6 +230,26 @@ def test_a_clicked_voxel_of_an_uploaded_series_finds_its_nodule(
         notes.writestr("../escape.dcm", b"x")
     status, answer = upload(search_page, "/api/series", "escape.zip", empty.getvalue())
     assert status == 400 and "a file outside its folder: '../escape.dcm'" in answer["error"]
+
+
+def test_a_zip_of_a_whole_patient_folder_uses_its_ct_and_leaves_the_radiograph(
+    search_page: SearchServer, lidc_sample: Path, tmp_path: Path
+) -> None:
+    patient = link_patient(lidc_sample / "LIDC-IDRI-0001", tmp_path / "LIDC-IDRI-0001")
+    ct = series_dir(patient)
+    add_radiograph_study(patient, next(ct.glob("*.dcm")))
+    whole, radiograph_only = io.BytesIO(), io.BytesIO()
+    with zipfile.ZipFile(whole, "w") as archive, zipfile.ZipFile(radiograph_only, "w") as other:
+        for path in sorted(patient.rglob("*")):
+            if path.is_file():
+                name = path.relative_to(tmp_path).as_posix()
+                archive.write(path, name)
+                if ct not in path.parents:
+                    other.write(path, name)
+    status, series = upload(search_page, "/api/series", "patient.zip", whole.getvalue())
+    assert status == 200 and series["slices"] == 133, series
+    status, answer = upload(search_page, "/api/series", "cr.zip", radiograph_only.getvalue())
+    assert status == 400 and "the zip holds 0 CT series (and CR); upload the folder of one CT series" in answer["error"]
 
 
 def test_openapi_describes_every_route(search_page: SearchServer, served_library: Path) -> None:

@@ -208,18 +208,24 @@ def find_series_folders(patient_dir: Path, patient_id: str) -> PatientSeries:
         )
     ct_folders, skipped = [], []
     for folder in folders:
-        files = sorted(folder.glob("*.dcm"))
-        modality = str(_required(_read_header(files[0], patient_id), "Modality", files[0], patient_id))
+        modality = series_modality(folder, patient_id)
         if modality == "CT":
             ct_folders.append(folder)
         else:
-            skipped.append(SkippedSeries(folder, modality, len(files)))
+            skipped.append(SkippedSeries(folder, modality, len(list(folder.glob("*.dcm")))))
     if not ct_folders:
         found = ", ".join(f"{s.modality} ({s.files} files)" for s in skipped)
         raise InputDataError(
             f"no CT series under the patient folder, only {found}", patient_id=patient_id, path=patient_dir
         )
     return PatientSeries(ct_folders, skipped)
+
+
+def series_modality(folder: Path, patient_id: str) -> str:
+    """The Modality of a series folder's DICOM files, read from the first: what tells a CT series
+    from a radiograph study or a segmentation object beside it."""
+    first = min(folder.glob("*.dcm"))
+    return str(_required(_read_header(first, patient_id), "Modality", first, patient_id))
 
 
 def _read_header(path: Path, patient_id: str) -> pydicom.Dataset:

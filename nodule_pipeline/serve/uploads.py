@@ -24,7 +24,7 @@ from PIL import Image
 
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.lidc.lung_mask import segment_lungs
-from nodule_pipeline.lidc.series import CtSeries, load_series
+from nodule_pipeline.lidc.series import CtSeries, load_series, series_modality
 from nodule_pipeline.pictures import to_png, window
 
 UPLOAD_PATIENT = "upload"
@@ -92,9 +92,16 @@ def read_series_zip(file: BinaryIO, name: str) -> CtSeries:
     with archive, tempfile.TemporaryDirectory(prefix="nodule-upload-") as tmp:
         root = Path(tmp)
         try:
-            folders = _unpack(archive, root, name)
+            unpacked = _unpack(archive, root, name)
+            modalities = {folder: series_modality(folder, UPLOAD_PATIENT) for folder in unpacked}
+            folders = [folder for folder, modality in modalities.items() if modality == "CT"]  # radiographs beside
             if len(folders) != 1:
-                found = "no DICOM files (*.dcm)" if not folders else f"{len(folders)} folders of DICOM files"
+                others = sorted(set(modalities.values()) - {"CT"})
+                found = (
+                    "no DICOM files (*.dcm)"
+                    if not unpacked
+                    else f"{len(folders)} CT series" + (f" (and {', '.join(others)})" if others else "")
+                )
                 raise InputDataError(f"the zip holds {found}; upload the folder of one CT series", path=name)
             series = load_series(folders[0], UPLOAD_PATIENT)
         except InputDataError as error:
