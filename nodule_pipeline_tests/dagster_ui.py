@@ -63,19 +63,21 @@ class DagsterUI:
         return body["data"]
 
 
-def _wait_ready(ui: DagsterUI, timeout: float) -> None:
+def wait_until_answering(process: subprocess.Popen, log: Path, url: str, what: str, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the end of the server's log if the process
+    exits first or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if ui.process.poll() is not None:
-            raise RuntimeError(f"nodule-pipeline ui exited with {ui.process.returncode}:\n{ui.log.read_text()[-4000:]}")
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            with urllib.request.urlopen(f"{ui.url}/server_info", timeout=5) as response:
+            with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(1)
-    raise TimeoutError(f"the Dagster UI did not answer at {ui.url} in {timeout:.0f} s:\n{ui.log.read_text()[-4000:]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not answer at {url} in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
 def _wait_code_location(ui: DagsterUI, timeout: float) -> None:
@@ -173,7 +175,7 @@ def dagster_ui(data_dir: Path, lidc_root: Path, log: Path, timeout: float = 300)
     process = start_cli(["ui", "--data-dir", str(data_dir), "--port", str(port)], log, {LIDC_ROOT_ENV: str(lidc_root)})
     ui = DagsterUI(f"http://127.0.0.1:{port}", process, log)
     try:
-        _wait_ready(ui, timeout)
+        wait_until_answering(process, log, f"{ui.url}/server_info", "nodule-pipeline ui", timeout)
         _wait_code_location(ui, timeout)
         yield ui
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -24,7 +23,7 @@ from dagster import AssetKey
 
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.runner import open_instance
-from nodule_pipeline_tests.dagster_ui import free_port, start_cli, stop_process_group
+from nodule_pipeline_tests.dagster_ui import free_port, start_cli, stop_process_group, wait_until_answering
 
 
 @dataclass
@@ -52,20 +51,6 @@ class SearchServer:
         return status, json.loads(body)
 
 
-def _wait_ready(server: SearchServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{server.log.read_text()[-4000:]}")
-        try:
-            server.request("/openapi.json")
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    log = server.log.read_text()[-4000:]
-    raise TimeoutError(f"the server did not answer at {server.url} in {timeout:.0f} s:\n{log}")
-
-
 @contextmanager
 def search_server(data_dir: Path, log: Path, *options: str, timeout: float = 120) -> Iterator[SearchServer]:
     """``nodule-pipeline serve --data-dir DATA_DIR`` on a free port of 127.0.0.1, until the block ends."""
@@ -73,7 +58,7 @@ def search_server(data_dir: Path, log: Path, *options: str, timeout: float = 120
     process = start_cli(["serve", "--data-dir", str(data_dir), "--port", str(port), *options], log)
     server = SearchServer(f"http://127.0.0.1:{port}", process, log)
     try:
-        _wait_ready(server, timeout)
+        wait_until_answering(process, log, f"{server.url}/openapi.json", "nodule-pipeline serve", timeout)
         yield server
     finally:
         stop_process_group(process)
