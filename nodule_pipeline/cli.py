@@ -69,6 +69,8 @@ def _print_summary(summary, data_dir: Path) -> None:
             f"report {evaluation.get('report')}"
         )
         print(f"  {evaluation.get('leakage', 'leakage not measured')}")
+        if evaluation.get("reader_agreement_summary"):
+            print(f"  {evaluation['reader_agreement_summary']}")
     for outcome in summary.failed:
         print(f"FAILED {outcome.patient_id}: {outcome.error}")
     print(f"instance and artefacts: {data_dir}  (open the UI: nodule-pipeline ui --data-dir {data_dir})")
@@ -200,7 +202,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_evaluate_rois(args: argparse.Namespace) -> int:
     """Train, index and evaluate on any ROI table of the contract (patient-level split)."""
     from nodule_pipeline.hashing.evaluation import EvaluationConfig, evaluate
-    from nodule_pipeline.hashing.report import leakage_summary, write_report
+    from nodule_pipeline.hashing.report import leakage_summary, reader_agreement_summary, write_report
     from nodule_pipeline.roi_table import assign_split, read_roi_table
 
     table = assign_split(read_roi_table(Path(args.rois)), mode="patient", seed=args.split_seed)
@@ -222,6 +224,7 @@ def cmd_evaluate_rois(args: argparse.Namespace) -> int:
         + (f"; best baseline {best} MAP@10 {retrieving[best]:.4f}" if best else "")
     )
     print(f"{leakage_summary(report.get('leakage')) or 'leakage not measured'}")
+    print(reader_agreement_summary(report.get("reader_agreement")) or "the table carries no readers' ratings")
     print(f"report: {files['markdown']} ({time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -85,8 +85,10 @@ def test_report_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtu
         "leakage",
         "ndcg_at_10",
         "bits_sweep",
+        "reader_agreement",
     ):
         assert key in report, key
+    assert report["reader_agreement"] is None and "the table carries no readers' ratings" in printed
     assert "deployed" not in report  # a table has no deployed model: ours is retrained
     assert report["split_mode"] == "patient" and report["n_queries"] + report["n_database"] == 14 * 8
     assert report["recipe"]["epochs"] == 20 and report["recipe"]["pairwise_weight"] > 0
@@ -126,6 +128,8 @@ def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:
     """With a deployed model and index the report leads with them, searched through NoduleSearcher;
     the accuracy is the card's, and it is what the searcher's own predictions give."""
     table = assign_split(_separable_table(), seed=0)
+    # readers: three agree on even nodules, only two marked odd ones (not counted)
+    table["reader_malignancy"] = [[5, 4, 5, 0] if r % 2 == 0 else [5, 4, 0, 0] for r in range(len(table))]
     train = table[table["split"] == "train"]
     test = table[table["split"] == "test"].reset_index(drop=True)
     model = train_hash_model(
@@ -154,8 +158,17 @@ def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:
         hits = deployed.searcher.search_roi(roi_images(test)[q], k=10, exclude_patient=test["patient_id"].iloc[q]).hits
         assert [h.row for h in hits] == evaluation.example_rankings[q][: len(hits)].tolist()
     assert evaluation.report["network"]["lstm_hidden"] == 16  # the study retrains the deployed network
+    agreement = evaluation.report["reader_agreement"]
+    counted = np.array([len([r for r in ratings if r]) >= 3 for ratings in test["reader_malignancy"]])
+    predicted = encode(model, roi_images(test)).predicted
+    assert agreement["agreement"] == 1.0 and agreement["rows"] == counted.sum() == agreement["nodules"]
+    assert agreement["model_accuracy"]["deployed model"] == pytest.approx(
+        float((predicted[counted] == test["label"].to_numpy()[counted]).mean())
+    )
+    assert set(agreement["model_accuracy"]) == {"deployed model", "ours (study, seed 0)"}
     write_report(evaluation, tmp_path)
-    assert "## Deployed model (the headline)" in (tmp_path / "evaluation.md").read_text()
+    markdown = (tmp_path / "evaluation.md").read_text()
+    assert "## Deployed model (the headline)" in markdown and "## How often the readers agree" in markdown
 
 
 def test_the_rows_order_of_a_table_does_not_change_the_evaluation() -> None:

@@ -277,3 +277,50 @@ def test_mean_std() -> None:
     assert std == pytest.approx(math.sqrt(5 / 3))
     with pytest.raises(ValueError):
         m.mean_std([])
+
+
+def test_reader_agreement_compares_each_reader_with_the_median_of_the_others() -> None:
+    table = pd.DataFrame(
+        {
+            "nodule_id": ["A", "B", "C"],
+            "label": [1, 0, 1],
+            # 0: that reader did not mark the nodule
+            "reader_malignancy": [[5, 5, 4, 1], [2, 3, 4, 0], [1, 5, 0, 0]],
+        }
+    )
+    agreement = m.reader_agreement(table)
+    # A: 5 vs median(5,4,1)=4 yes, 5 yes, 4 vs median(5,5,1)=5 yes, 1 vs median(5,5,4)=5 no.
+    # B: 2 vs median(3,4)=3.5 (malignant) no, the 3 makes no call, 4 vs median(2,3)=2.5 (benign) no.
+    # C: two readers, so no reader has two others to be compared with.
+    assert (agreement.calls, agreement.agreeing, agreement.nodules) == (6, 3, 2)
+    assert agreement.rate == pytest.approx(0.5)
+    assert agreement.rows.tolist() == [True, True, False]
+    summary = agreement.summary(table["label"].to_numpy(), {"model": np.array([1, 1, 0])})
+    assert summary["model_accuracy"] == {"model": 0.5}  # right on A, wrong on B; C is not counted
+    assert summary["rows"] == 2 and summary["min_readers"] == 3
+
+
+def test_reader_agreement_of_a_pipeline_table_counts_the_dropped_rating_3_readers() -> None:
+    """The pipeline keeps one row per annotation rated 1, 2, 4 or 5: a nodule's other readers
+    rated it 3, and they still move the median the kept readers are compared with."""
+    per_annotation = pd.DataFrame(
+        {
+            "nodule_id": ["X", "X", "X", "Y", "Y"],
+            "label": [1, 1, 0, 0, 0],
+            "malignancy": [4.0, 5.0, 1.0, 2.0, 2.0],
+            "nodule_readers": [4, 4, 4, 2, 2],
+        }
+    )
+    # X was read 4, 5, 1 and 3 (dropped): 4 and 5 face a median of 3 (no call), 1 faces 4 (no).
+    agreement = m.reader_agreement(per_annotation)
+    assert (agreement.calls, agreement.agreeing, agreement.nodules) == (1, 0, 1)
+    assert agreement.rows.tolist() == [True, True, True, False, False]
+    as_lists = pd.DataFrame({"nodule_id": ["X", "Y"], "reader_malignancy": [[4, 5, 1, 3], [2, 2, 0, 0]]})
+    same = m.reader_agreement(as_lists)
+    assert (same.calls, same.agreeing, same.nodules) == (agreement.calls, agreement.agreeing, agreement.nodules)
+
+
+def test_reader_agreement_needs_the_readers_ratings() -> None:
+    assert m.reader_agreement(pd.DataFrame({"nodule_id": ["A"], "malignancy": [4.0]})) is None
+    nobody_with_three = m.reader_agreement(pd.DataFrame({"nodule_id": ["A"], "reader_malignancy": [[4, 5, 0, 0]]}))
+    assert nobody_with_three.calls == 0 and math.isnan(nobody_with_three.rate)

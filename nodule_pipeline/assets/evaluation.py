@@ -13,7 +13,13 @@ from nodule_pipeline.concurrency import GPU_POOL
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.evaluation import Deployed, EvaluationConfig, NotEnoughData, evaluate
 from nodule_pipeline.hashing.index import HashIndex
-from nodule_pipeline.hashing.report import REPORT_JSON, leakage_summary, render_markdown, write_report
+from nodule_pipeline.hashing.report import (
+    REPORT_JSON,
+    leakage_summary,
+    reader_agreement_summary,
+    render_markdown,
+    write_report,
+)
 from nodule_pipeline.hashing.searcher import NoduleSearcher
 from nodule_pipeline.pictures import markdown_image
 from nodule_pipeline.resources import ReportStore
@@ -98,6 +104,9 @@ def retrieval_evaluation(
             "map_at_10_leakage_inflation": inflation.get("difference"),
             "map_at_10_leakage_interval": MetadataValue.json([inflation.get("low"), inflation.get("high")]),
             "leakage": leakage_summary(leakage) or "not measured",
+            "reader_agreement": (report.get("reader_agreement") or {}).get("agreement"),
+            "reader_agreement_summary": reader_agreement_summary(report.get("reader_agreement"))
+            or "the table carries no readers' ratings",
             "model_version": hash_model.model_version,
             "index_version": hash_index.index_version,
             "data_version": lineage["data_version"],

@@ -1,4 +1,4 @@
-"""The evaluation behind the report, in two parts.
+"""The evaluation behind the report, in two parts, and a reference for both.
 
 1. **The deployed model** (when given): the ``hash_model`` asset queried through its
    ``hash_index`` with :class:`~nodule_pipeline.hashing.searcher.NoduleSearcher`, the search code
@@ -8,6 +8,10 @@
    and the paper's whole recipe; the network variants of the paper's Table 2; shallow and deep
    hashing baselines; SVM and ELM; a raw-pixel Euclidean kNN; hash sizes; and the leak of the
    paper's random ROI split, with seeds on both splits.
+
+Beside them, the readers' own agreement on the test nodules
+(:func:`~nodule_pipeline.hashing.metrics.reader_agreement`) with each model's accuracy on the
+same rows: how good a model can look against labels that are readers' medians.
 
 Relevance is the same ground-truth label; queries are the test rows, the database the training
 rows; metrics as DESIGN.md section 6 pins them. Every ranking settles equal distances by nodule
@@ -40,6 +44,7 @@ from nodule_pipeline.hashing.metrics import (
     per_query_metrics,
     ranked_relevance,
     ratings_matrix,
+    reader_agreement,
     relevant_counts,
     retrieval_metrics,
 )
@@ -215,11 +220,13 @@ class _Study:
         return ranking_metrics(ranked, self.test, self.train, self.config.ks)
 
 
-def evaluate_deployed(deployed: Deployed, queries: pd.DataFrame, ks: tuple[int, ...]) -> tuple[dict, np.ndarray]:
+def evaluate_deployed(
+    deployed: Deployed, queries: pd.DataFrame, ks: tuple[int, ...]
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """The deployed model and index on the test queries, in each search mode, through
     :meth:`NoduleSearcher.search_many`; a query's own patient is never in its results (it
-    matters when the index holds every row). Returns the report part and the hierarchical
-    rankings (rows of the index)."""
+    matters when the index holds every row). Returns the report part, the hierarchical
+    rankings (rows of the index) and the predicted classes."""
     searcher = deployed.searcher
     index = searcher.index
     database = index.items.assign(label=np.asarray(index.labels))
@@ -251,7 +258,16 @@ def evaluate_deployed(deployed: Deployed, queries: pd.DataFrame, ks: tuple[int, 
         "training": deployed.card.get("training"),
         "selected_epoch": deployed.card.get("selected_epoch"),
     }
-    return report, rankings
+    return report, rankings, predicted
+
+
+def _reader_agreement(test: pd.DataFrame, predictions: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """How often the test nodules' readers agree with each other, beside the models' accuracy on
+    the same rows; None when the table carries no readers' ratings or no nodule has enough readers."""
+    agreement = reader_agreement(test)
+    if agreement is None or not agreement.calls:
+        return None
+    return agreement.summary(test["label"].to_numpy(), predictions)
 
 
 def _leakage(
@@ -312,9 +328,10 @@ def evaluate(
     ks = config.ks
 
     report: dict[str, Any] = {"split_mode": split_mode, "n_queries": len(test), "n_database": len(train)}
+    predictions: dict[str, np.ndarray] = {}
     if deployed is not None:
         log("the deployed model through its index")
-        report["deployed"], deployed_rows = evaluate_deployed(deployed, test, ks)
+        report["deployed"], deployed_rows, predictions["deployed model"] = evaluate_deployed(deployed, test, ks)
 
     # Ours: the recipe, hierarchical search, over seeds.
     per_seed, first = [], None
@@ -325,6 +342,7 @@ def evaluate(
         if first is None:
             first = (database, queries, rows)
     database, queries, ours_rows = first
+    predictions["ours (study, seed 0)"] = queries.predicted
     ours = dict(per_seed[0])
     ours["spread"] = {
         key: _spread([_headline(run)[key] for run in per_seed]) for key in ("accuracy", "p_at_10", "map_at_10")
@@ -387,6 +405,7 @@ def evaluate(
         "leakage": leakage,
         "ndcg_at_10": ours["ndcg_at_10"],
         "bits_sweep": bits_sweep,
+        "reader_agreement": _reader_agreement(test, predictions),
         "config": asdict(config),
     }
     if deployed is not None and deployed.searcher.index.rois is not None:

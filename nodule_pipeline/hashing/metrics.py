@@ -24,11 +24,13 @@ Pure numpy, so the report asset, the CLI and the tests all score with the same c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from nodule_pipeline.lidc.annotations import CHARACTERISTICS
+from nodule_pipeline.lidc.rois import INDETERMINATE, malignancy_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -454,3 +456,91 @@ def difference_interval(
     dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     half = float(stats.t.ppf((1 + confidence) / 2, dof) * np.sqrt(va + vb))
     return difference, difference - half, difference + half
+
+
+# --------------------------------------------------------------------------- the readers' own agreement
+
+MIN_READERS_FOR_AGREEMENT = 3
+"""A reader is compared with the median of at least two others, never with one other reader."""
+
+
+@dataclass(frozen=True)
+class ReaderAgreement:
+    """How often one reader's benign/malignant call matches the median of the other readers of the
+    same nodule. The labels are such medians, so this is the labels' own noise: the reference a
+    model's accuracy is read against (a model that agrees with the label as often as a radiologist
+    agrees with the others has learnt what the labels can teach). A call is one reader of one
+    nodule read by ``min_readers`` or more, where neither that reader's rating nor the others'
+    median is 3 (indeterminate). ``rows``: the table rows whose nodule has that many readers."""
+
+    calls: int
+    agreeing: int
+    nodules: int
+    min_readers: int
+    rows: np.ndarray
+
+    @property
+    def rate(self) -> float:
+        return self.agreeing / self.calls if self.calls else float("nan")
+
+    def summary(self, labels: np.ndarray, predictions: dict[str, np.ndarray]) -> dict[str, Any]:
+        """JSON-ready figures, with each model's accuracy on the same rows (its like-for-like figure)."""
+        rows = self.rows
+        return {
+            "agreement": self.rate,
+            "calls": self.calls,
+            "nodules": self.nodules,
+            "min_readers": self.min_readers,
+            "rows": int(rows.sum()),
+            "model_accuracy": {
+                name: float((np.asarray(predicted)[rows] == np.asarray(labels)[rows]).mean()) if rows.any() else None
+                for name, predicted in predictions.items()
+            },
+        }
+
+
+def nodule_ratings(table: pd.DataFrame) -> list[tuple[float, ...]] | None:
+    """Each row's nodule's malignancy ratings, one per reader who marked it (rating 3 included),
+    or None when the table cannot say.
+
+    ``reader_malignancy`` (one rating per reader, 0 where that reader did not mark the nodule)
+    is read as it is. A table the pipeline derives holds one row per annotation rated 1, 2, 4 or 5:
+    the nodule's ratings are its rows' ``malignancy``, plus a 3 for each of its ``nodule_readers``
+    without a row (those were dropped as indeterminate)."""
+    if "reader_malignancy" in table.columns:
+        return [
+            tuple(float(r) for r in np.asarray(ratings, dtype=float).ravel() if r > 0)
+            for ratings in table["reader_malignancy"]
+        ]
+    if not {"nodule_id", "malignancy", "nodule_readers"} <= set(table.columns):
+        return None
+    rated = table.groupby("nodule_id", sort=False)["malignancy"].agg(lambda values: tuple(float(v) for v in values))
+    return [
+        rated[nodule] + (float(INDETERMINATE),) * max(int(readers) - len(rated[nodule]), 0)
+        for nodule, readers in zip(table["nodule_id"], table["nodule_readers"], strict=True)
+    ]
+
+
+def reader_agreement(table: pd.DataFrame, min_readers: int = MIN_READERS_FOR_AGREEMENT) -> ReaderAgreement | None:
+    """Leave-one-reader-out agreement over the table's nodules (see :class:`ReaderAgreement`);
+    None when the table does not carry the readers' ratings."""
+    ratings = nodule_ratings(table)
+    if ratings is None:
+        return None
+    calls = agreeing = 0
+    seen: set[str] = set()
+    counted = np.zeros(len(table), dtype=bool)
+    for row, (nodule, rated) in enumerate(zip(table["nodule_id"].astype(str), ratings, strict=True)):
+        if len(rated) < min_readers:
+            continue
+        counted[row] = True
+        if nodule in seen:  # one row per annotation: the nodule's readers are counted once
+            continue
+        seen.add(nodule)
+        for reader, rating in enumerate(rated):
+            others = malignancy_label(float(np.median(rated[:reader] + rated[reader + 1 :])))
+            own = malignancy_label(rating)
+            if own >= 0 and others >= 0:
+                calls += 1
+                agreeing += int(own == others)
+    return ReaderAgreement(calls, agreeing, len(seen), min_readers, counted)

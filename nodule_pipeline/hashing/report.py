@@ -77,6 +77,40 @@ def leakage_summary(leakage: dict[str, Any] | None, key: str = "map_at_10") -> s
     return f"ROI-split leak: {measured}"
 
 
+def reader_agreement_summary(agreement: dict[str, Any] | None) -> str | None:
+    """One line: how often a reader agrees with the other readers, and the models on the same rows."""
+    if not agreement:
+        return None
+    models = ", ".join(
+        f"{name} {_pct(accuracy)}%" for name, accuracy in agreement["model_accuracy"].items() if accuracy is not None
+    )
+    return (
+        f"readers agree with the other readers' median on {_pct(agreement['agreement'])}% of {agreement['calls']} "
+        f"calls ({agreement['nodules']} test nodules with >= {agreement['min_readers']} readers); "
+        f"the models agree with the label on the same {agreement['rows']} rows: {models}"
+    )
+
+
+def _reader_agreement_section(agreement: dict[str, Any]) -> list[str]:
+    rows = [
+        ["one reader against the median of the others", _pct(agreement["agreement"]), f"{agreement['calls']} calls"]
+    ]
+    rows += [
+        [name, _pct(accuracy), f"{agreement['rows']} rows"]
+        for name, accuracy in agreement["model_accuracy"].items()
+        if accuracy is not None
+    ]
+    return [
+        "## How often the readers agree (the labels' own noise)",
+        "A label is the median of the readers' malignancy ratings, and readers disagree. Leaving one reader out "
+        f"at a time, over the {agreement['nodules']} test nodules read by {agreement['min_readers']} or more "
+        "readers, a reader's call (rating not 3) is compared with the median of the others (when that is not 3). "
+        "The models are scored against the label on the same test rows. A model near the readers' figure has "
+        "learnt what these labels can teach; accuracy far above it would be suspect.",
+        _table(["who", "agreement with the label (%)", "counted"], rows),
+    ]
+
+
 def _deployed_section(deployed: dict[str, Any]) -> list[str]:
     modes = deployed["modes"]
     rows = [[mode, _pct(m["p_at_10"]), _pct(m["map_at_k"]["10"]), _pct(m["ndcg_at_10"])] for mode, m in modes.items()]
@@ -144,6 +178,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts = ["# Retrieval evaluation"]
     if report.get("deployed"):
         parts += _deployed_section(report["deployed"])
+    if report.get("reader_agreement"):
+        parts += _reader_agreement_section(report["reader_agreement"])
     parts += [
         "## Comparison study",
         f"Every method below was trained from scratch on the training split (split **{report['split_mode']}**, "
