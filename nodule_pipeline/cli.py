@@ -69,7 +69,7 @@ def _print_summary(summary, data_dir: Path) -> None:
             f"report {evaluation.get('report')}"
         )
         print(f"  {evaluation.get('leakage', 'leakage not measured')}")
-        if evaluation.get("reader_agreement_summary"):
+        if "reader_agreement_summary" in evaluation:
             print(f"  {evaluation['reader_agreement_summary']}")
     for outcome in summary.failed:
         print(f"FAILED {outcome.patient_id}: {outcome.error}")
@@ -224,7 +224,7 @@ def cmd_evaluate_rois(args: argparse.Namespace) -> int:
         + (f"; best baseline {best} MAP@10 {retrieving[best]:.4f}" if best else "")
     )
     print(f"{leakage_summary(report.get('leakage')) or 'leakage not measured'}")
-    print(reader_agreement_summary(report.get("reader_agreement")) or "the table carries no readers' ratings")
+    print(reader_agreement_summary(report.get("reader_agreement")))
     print(f"report: {files['markdown']} ({time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -23,7 +23,7 @@ from nodule_pipeline.hashing.evaluation import (
 )
 from nodule_pipeline.hashing.index import build_index
 from nodule_pipeline.hashing.network import NetworkConfig
-from nodule_pipeline.hashing.report import write_report
+from nodule_pipeline.hashing.report import NO_READER_AGREEMENT, write_report
 from nodule_pipeline.hashing.search import rank_by_hamming, stable_keys
 from nodule_pipeline.hashing.searcher import NoduleSearcher
 from nodule_pipeline.hashing.training import TrainConfig, classification_metrics, encode, train_hash_model
@@ -88,7 +88,7 @@ def test_report_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtu
         "reader_agreement",
     ):
         assert key in report, key
-    assert report["reader_agreement"] is None and "the table carries no readers' ratings" in printed
+    assert report["reader_agreement"] is None and NO_READER_AGREEMENT in printed
     assert "deployed" not in report  # a table has no deployed model: ours is retrained
     assert report["split_mode"] == "patient" and report["n_queries"] + report["n_database"] == 14 * 8
     assert report["recipe"]["epochs"] == 20 and report["recipe"]["pairwise_weight"] > 0

@@ -105,8 +105,7 @@ def retrieval_evaluation(
             "map_at_10_leakage_interval": MetadataValue.json([inflation.get("low"), inflation.get("high")]),
             "leakage": leakage_summary(leakage) or "not measured",
             "reader_agreement": (report.get("reader_agreement") or {}).get("agreement"),
-            "reader_agreement_summary": reader_agreement_summary(report.get("reader_agreement"))
-            or "the table carries no readers' ratings",
+            "reader_agreement_summary": reader_agreement_summary(report.get("reader_agreement")),
             "model_version": hash_model.model_version,
             "index_version": hash_index.index_version,
             "data_version": lineage["data_version"],

@@ -77,10 +77,13 @@ def leakage_summary(leakage: dict[str, Any] | None, key: str = "map_at_10") -> s
     return f"ROI-split leak: {measured}"
 
 
-def reader_agreement_summary(agreement: dict[str, Any] | None) -> str | None:
+NO_READER_AGREEMENT = "reader agreement not measured: no test nodule carries the ratings of 3 or more readers"
+
+
+def reader_agreement_summary(agreement: dict[str, Any] | None) -> str:
     """One line: how often a reader agrees with the other readers, and the models on the same rows."""
     if not agreement:
-        return None
+        return NO_READER_AGREEMENT
     models = ", ".join(
         f"{name} {_pct(accuracy)}%" for name, accuracy in agreement["model_accuracy"].items() if accuracy is not None
     )
@@ -92,11 +95,9 @@ def reader_agreement_summary(agreement: dict[str, Any] | None) -> str | None:
 
 
 def _reader_agreement_section(agreement: dict[str, Any]) -> list[str]:
-    rows = [
-        ["one reader against the median of the others", _pct(agreement["agreement"]), f"{agreement['calls']} calls"]
-    ]
+    rows = [["one reader, with the median of the others", _pct(agreement["agreement"]), f"{agreement['calls']} calls"]]
     rows += [
-        [name, _pct(accuracy), f"{agreement['rows']} rows"]
+        [f"{name}, with the label", _pct(accuracy), f"{agreement['rows']} rows"]
         for name, accuracy in agreement["model_accuracy"].items()
         if accuracy is not None
     ]
@@ -106,8 +107,8 @@ def _reader_agreement_section(agreement: dict[str, Any]) -> list[str]:
         f"at a time, over the {agreement['nodules']} test nodules read by {agreement['min_readers']} or more "
         "readers, a reader's call (rating not 3) is compared with the median of the others (when that is not 3). "
         "The models are scored against the label on the same test rows. A model near the readers' figure has "
-        "learnt what these labels can teach; accuracy far above it would be suspect.",
-        _table(["who", "agreement with the label (%)", "counted"], rows),
+        "learnt about as much as these labels can teach.",
+        _table(["who agrees", "%", "counted"], rows),
     ]
 
 
