@@ -246,7 +246,9 @@ def test_pseudonyms_hide_patients_uids_readers_and_paths(
 
     lines: list[str] = []
     summary = run_pipeline(root, data_dir, progress=lines.append, training=QUICK_TRAINING, report="quick")
-    assert summary.library_ok and "p_at_10" in summary.library_metadata["retrieval_evaluation"]  # a real report
+    evaluation = summary.library_metadata["retrieval_evaluation"]
+    assert summary.library_ok and "p_at_10" in evaluation  # a real report
+    assert evaluation["reader_agreement_summary"].startswith(("readers agree", "reader agreement not measured"))
     keys = sorted(o.patient_id for o in summary.outcomes)
     assert all(k.startswith("P") and len(k) == 17 for k in keys)
     (failure,) = summary.failed

@@ -90,7 +90,7 @@ def reader_agreement_summary(agreement: dict[str, Any] | None) -> str:
     return (
         f"readers agree with the other readers' median on {_pct(agreement['agreement'])}% of {agreement['calls']} "
         f"calls ({agreement['nodules']} test nodules with >= {agreement['min_readers']} readers); "
-        f"the models agree with the label on the same {agreement['rows']} rows: {models}"
+        f"the models agree with the label on those nodules' {agreement['rows']} test rows: {models}"
     )
 
 
@@ -103,11 +103,12 @@ def _reader_agreement_section(agreement: dict[str, Any]) -> list[str]:
     ]
     return [
         "## How often the readers agree (the labels' own noise)",
-        "A label is the median of the readers' malignancy ratings, and readers disagree. Leaving one reader out "
-        f"at a time, over the {agreement['nodules']} test nodules read by {agreement['min_readers']} or more "
-        "readers, a reader's call (rating not 3) is compared with the median of the others (when that is not 3). "
-        "The models are scored against the label on the same test rows. A model near the readers' figure has "
-        "learnt about as much as these labels can teach.",
+        "Labels come from readers' malignancy ratings, and readers disagree. Leaving one reader out at a time, "
+        f"over the {agreement['nodules']} test nodules read by {agreement['min_readers']} or more readers, a "
+        "reader's call (rating not 3) is compared with the median of the others (when that is not 3). The models "
+        "are scored against the table's label on the same nodules' test rows: the readers' median in a table of "
+        "one row per nodule, the reader's own rating in the pipeline's rows per annotation. A model near the "
+        "readers' figure has learnt about as much as these labels can teach.",
         _table(["who agrees", "%", "counted"], rows),
     ]
 
