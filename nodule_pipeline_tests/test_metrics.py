@@ -318,6 +318,8 @@ def test_reader_agreement_of_a_pipeline_table_counts_the_dropped_rating_3_reader
     as_lists = pd.DataFrame({"nodule_id": ["X", "Y"], "reader_malignancy": [[4, 5, 1, 3], [2, 2, 0, 0]]})
     same = m.reader_agreement(as_lists)
     assert (same.calls, same.agreeing, same.nodules) == (agreement.calls, agreement.agreeing, agreement.nodules)
+    unknown_count = per_annotation.assign(nodule_readers=np.nan)  # an external table: only the rows are known
+    assert m.reader_agreement(unknown_count).calls == 2  # X read 4, 5, 1: 5 against 2.5 and 1 against 4.5
 
 
 def test_reader_agreement_needs_the_readers_ratings() -> None:

@@ -516,9 +516,15 @@ def nodule_ratings(table: pd.DataFrame) -> list[tuple[float, ...]] | None:
         return None
     rated = table.groupby("nodule_id", sort=False)["malignancy"].agg(lambda values: tuple(float(v) for v in values))
     return [
-        rated[nodule] + (float(INDETERMINATE),) * max(int(readers) - len(rated[nodule]), 0)
+        rated[nodule] + (float(INDETERMINATE),) * _dropped_readers(readers, len(rated[nodule]))
         for nodule, readers in zip(table["nodule_id"], table["nodule_readers"], strict=True)
     ]
+
+
+def _dropped_readers(readers: object, rows: int) -> int:
+    """Readers of a nodule without a row (they rated it 3); an unknown reader count adds none."""
+    count = float(readers)  # type: ignore[arg-type]
+    return max(int(count) - rows, 0) if np.isfinite(count) else 0
 
 
 def reader_agreement(table: pd.DataFrame, min_readers: int = MIN_READERS_FOR_AGREEMENT) -> ReaderAgreement | None:
