@@ -1,4 +1,5 @@
-"""Retrieval metrics exactly as DESIGN.md section 6 pins them, graded nDCG, and their spread.
+"""Retrieval metrics exactly as DESIGN.md section 6 pins them, graded nDCG, their spread, and how
+often the readers agree with each other (the reference for accuracy against their labels).
 
 Everything starts from a *ranked-relevance matrix*: one row per query, one column per rank
 (best first), ``True`` where the item at that rank shares the query's ground-truth label. The
@@ -466,12 +467,14 @@ MIN_READERS_FOR_AGREEMENT = 3
 
 @dataclass(frozen=True)
 class ReaderAgreement:
-    """How often one reader's benign/malignant call matches the median of the other readers of the
-    same nodule. The labels are such medians, so this is the labels' own noise: the reference a
-    model's accuracy is read against (a model that agrees with the label as often as a radiologist
-    agrees with the others has learnt what the labels can teach). A call is one reader of one
-    nodule read by ``min_readers`` or more, where neither that reader's rating nor the others'
-    median is 3 (indeterminate). ``rows``: the table rows whose nodule has that many readers."""
+    """How often one reader's benign/malignant call matches the median of the other readers of
+    the same nodule: the noise in labels made of readers' ratings (a nodule's median in a table
+    of one row per nodule, each reader's own call in the pipeline's rows per annotation), the
+    reference a model's accuracy is read against. A model that agrees with the labels as often
+    as a radiologist agrees with the others has learnt about as much as they can teach. A call
+    is one reader of one nodule read by ``min_readers`` or more, where neither that reader's
+    rating nor the others' median is 3 (indeterminate). ``rows``: the table rows whose nodule
+    has that many readers."""
 
     calls: int
     agreeing: int
