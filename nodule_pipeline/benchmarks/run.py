@@ -1,7 +1,8 @@
 """``nodule-pipeline bench``: every benchmark in one run, written to ``bench.json`` and ``bench.md``.
 
 Ingestion (real LIDC sample vs pylidc), search (ours vs FAISS ``IndexBinaryFlat`` vs numpy at
-10^3..10^7 items), training (the ``hash_model`` asset vs a bare PyTorch loop) and encoding, then
+10^3..10^7 items), the search server (``POST /api/search`` over HTTP against the same search in
+process), training (the ``hash_model`` asset vs a bare PyTorch loop) and encoding, then
 the targets each figure meets or misses and what the full LIDC set and a 10^6-nodule library
 would cost, projected from this run's own figures.
 """
@@ -21,6 +22,7 @@ import numpy as np
 from nodule_pipeline.benchmarks import environment
 from nodule_pipeline.benchmarks.ingest import run_ingest_benchmark
 from nodule_pipeline.benchmarks.search import QUICK_SIZES, SIZES, run_search_benchmark
+from nodule_pipeline.benchmarks.serve import run_serve_benchmark
 from nodule_pipeline.benchmarks.train import run_train_benchmark, synthetic_roi_table
 from nodule_pipeline.lidc.layout import find_patient_folders
 from nodule_pipeline.storage import atomic_write
@@ -179,6 +181,8 @@ def run_bench(
     bench["storage"] = measure_storage(lidc_root, patients[0])
     progress("== search: ours vs FAISS IndexBinaryFlat vs numpy, one core")
     bench["search"] = run_search_benchmark(QUICK_SIZES if quick else SIZES, progress=progress)
+    progress("== search server: POST /api/search over HTTP vs the same search in process")
+    bench["serve"] = run_serve_benchmark(items=10**4 if quick else 10**5, requests=50 if quick else 200)
     progress("== training: hash_model asset vs a bare PyTorch loop")
     # One torch thread: on a shared machine two threads fighting other work make the ratio noise.
     bench["train"] = run_train_benchmark(rois=256 if quick else 1024, epochs=2, threads=1, progress=progress)
@@ -200,6 +204,26 @@ def _f(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _serve_lines(serve: dict[str, Any]) -> list[str]:
+    rows = [
+        f"| {kind} | {_f(serve[f'http_{kind}_p50_ms'])} / {_f(serve[f'http_{kind}_p99_ms'])} | "
+        f"{_f(serve[f'in_process_{kind}_p50_ms'])} / {_f(serve[f'in_process_{kind}_p99_ms'])} |"
+        for kind in ("nodule", "image")
+    ]
+    return [
+        f"## Search server, {serve['items']:,} items, k = {serve['k']}, {serve['requests']} requests of each kind",
+        "",
+        "`nodule-pipeline serve` in its own process, one keep-alive connection; in process = `NoduleSearcher`, "
+        f"taking turns with HTTP. Library built in {_f(serve['build_s'], 1)} s; first answer "
+        f"{_f(serve['server_start_s'], 1)} s after start.",
+        "",
+        "| query | HTTP p50 / p99 ms | in process p50 / p99 ms |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def render_markdown(bench: dict[str, Any]) -> str:
@@ -249,6 +273,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
             for r in bench["search"]
         ),
         "",
+        *_serve_lines(bench["serve"]),
         "## Training",
         "",
         f"Device {train['device']}: `hash_model` asset {_f(train['images_per_s'], 1)} images/s (whole "
