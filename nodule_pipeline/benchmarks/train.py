@@ -9,8 +9,11 @@ asset's own ``images_per_s`` metadata (training passes only).
 
 The bare loop trains :class:`~nodule_pipeline.hashing.network.HashNet` with the same
 ``NetworkConfig``, data, batch size, optimizer (AdamW with the L2 weight decay on weights only,
-fused where torch has it), loss and device (mixed precision on CUDA, as the asset), with the
-normalised tensors prepared before the clock starts: the reference for what the hardware does.
+fused where torch has it), per-batch work of the default recipe (its augmentation and its whole
+objective: cross-entropy plus the hashing terms) and device (mixed precision on CUDA, as the
+asset), with the normalised tensors prepared before the clock starts: the reference for what the
+hardware does. What it leaves out is what the asset adds around that math: Dagster, storage, the
+validation pass and model selection, the schedule, metrics and the card.
 
 Both run in this process, taking turns (and turns at going first), after one small unmeasured
 warm-up of each; the best of ``repeat`` counts. On a shared machine pass ``threads=1``: two
@@ -220,11 +223,14 @@ def _asset_run(table: pd.DataFrame, config: dict[str, Any], base: Path) -> dict[
 
 
 def _bare_run(table: pd.DataFrame, epochs: int, batch_size: int, device: str) -> dict[str, Any]:
-    """The plain loop: HashNet, AdamW (L2 on weights), cross-entropy, shuffled batches."""
+    """The plain loop: HashNet, AdamW (L2 on weights), shuffled batches, the default recipe's
+    augmentation and objective."""
     import torch
-    from torch.nn import functional as F
 
+    from nodule_pipeline.hashing.augment import augment_batch
     from nodule_pipeline.hashing.network import HashNet, NetworkConfig, normalise_rois
+    from nodule_pipeline.hashing.objective import hashing_objective
+    from nodule_pipeline.hashing.training import TrainConfig
     from nodule_pipeline.roi_table import SPLIT_COLUMN, TRAIN, roi_images
 
     train = table[table[SPLIT_COLUMN] == TRAIN]
@@ -232,6 +238,8 @@ def _bare_run(table: pd.DataFrame, epochs: int, batch_size: int, device: str) ->
     amp = target.type == "cuda"
     x = torch.from_numpy(normalise_rois(roi_images(train))[0]).to(target)
     y = torch.from_numpy(train["label"].to_numpy().astype(np.int64)).to(target)
+    recipe = TrainConfig()
+    generator = torch.Generator(device=target).manual_seed(0)
     torch.manual_seed(0)
     model = HashNet(NetworkConfig()).to(target).train()
     groups = [
@@ -254,9 +262,10 @@ def _bare_run(table: pd.DataFrame, epochs: int, batch_size: int, device: str) ->
             index = order[start : start + batch_size]
             if len(index) < 2:  # BatchNorm needs two
                 continue
+            batch = augment_batch(x[index], generator, recipe.augment, recipe.shift_pixels)
             with torch.autocast(device_type=target.type, dtype=torch.float16, enabled=amp):
-                logits = model(x[index]).logits.float()
-            loss = F.cross_entropy(logits, y[index])
+                out = model(batch)
+            loss, _ = hashing_objective(out.logits, out.hash_probs, y[index], recipe.objective)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
