@@ -50,6 +50,19 @@ _SLICE_BLOCK = 16
 Z_TOLERANCE_MM = 0.01
 """How far an annotation's imageZposition may sit from a slice's z and still be that slice."""
 
+MAX_VOLUME_BYTES = 2 << 30
+"""Largest int16 volume a series may ask for (Rows x Columns x slices x 2 bytes), checked from the
+headers before anything is allocated: a CT series is at most about 1,000 slices of 512x512 to
+1024x1024 (1,024 slices of 1024x1024 is this 2 GiB). Headers claiming more are refused, not trusted:
+three slices claiming 60000x60000 pixels would ask for 21.6 GB."""
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+"""ImageOrientationPatient of an axial slice as LIDC stores them and the crops assume: the column
+index grows along +x, the row index along +y (:meth:`CtSeries.voxel_at_mm`)."""
+
+ORIENTATION_TOLERANCE = 1e-3
+"""How far a direction cosine may stray from :data:`AXIAL`: half a pixel of drift across 512."""
+
 _DICOM_ERRORS = (
     InvalidDicomError,
     BytesLengthException,
@@ -281,10 +294,30 @@ def _numbers(count: int, positive: bool = False) -> Callable[[Any], tuple[float,
     return convert
 
 
-def _size(value: Any) -> int:
+def _positive(value: Any) -> int:
     if int(value) < 1:
-        raise ValueError(f"{int(value)} pixels")
+        raise ValueError(f"{int(value)} is less than 1")
     return int(value)
+
+
+def _check_axial(orientation: tuple[float, ...], path: Path, patient_id: str) -> tuple[float, ...]:
+    """The orientation itself if it is :data:`AXIAL`; any other plane would be cut as if it were
+    axial (wrong crops, wrong mm positions), so it is an error that says which plane it is."""
+    if max(abs(v - a) for v, a in zip(orientation, AXIAL)) <= ORIENTATION_TOLERANCE:
+        return orientation
+    normal = np.cross(orientation[:3], orientation[3:])
+    axis = int(np.abs(normal).argmax())
+    if abs(normal[axis]) < 1 - ORIENTATION_TOLERANCE:
+        plane = "oblique"
+    else:
+        plane = ("sagittal", "coronal", "axial but rotated or flipped")[axis]
+    shown = ", ".join(f"{v:g}" for v in orientation)
+    raise InputDataError(
+        f"image orientation ({shown}) is {plane}; the pipeline reads axial slices (1, 0, 0, 0, 1, 0), "
+        "columns along x and rows along y, as LIDC's CT series are",
+        patient_id=patient_id,
+        path=path,
+    )
 
 
 @dataclass(frozen=True)
@@ -295,7 +328,7 @@ class _SliceHeader:
     size: tuple[int, int]
     pixel_spacing: tuple[float, ...]
     position: tuple[float, ...]
-    orientation: tuple[float, ...] | None
+    orientation: tuple[float, ...]
     sop_uid: str
     study_uid: str
     instance_number: int | None
@@ -317,10 +350,15 @@ def _slice_header(ds: pydicom.Dataset, path: Path, patient_id: str) -> _SliceHea
         raise InputDataError(f"not a CT image (Modality={ds.get('Modality')!r})", patient_id=patient_id, path=path)
     return _SliceHeader(
         series_uid=_required(ds, "SeriesInstanceUID", path, patient_id),
-        size=(_required(ds, "Rows", path, patient_id, _size), _required(ds, "Columns", path, patient_id, _size)),
+        size=(
+            _required(ds, "Rows", path, patient_id, _positive),
+            _required(ds, "Columns", path, patient_id, _positive),
+        ),
         pixel_spacing=_required(ds, "PixelSpacing", path, patient_id, _numbers(2, positive=True)),
         position=_required(ds, "ImagePositionPatient", path, patient_id, _numbers(3)),
-        orientation=_required(ds, "ImageOrientationPatient", path, patient_id, _numbers(6), default=()) or None,
+        orientation=_check_axial(
+            _required(ds, "ImageOrientationPatient", path, patient_id, _numbers(6)), path, patient_id
+        ),
         sop_uid=_required(ds, "SOPInstanceUID", path, patient_id),
         study_uid=_required(ds, "StudyInstanceUID", path, patient_id, default=""),
         instance_number=_instance_number(ds),
@@ -339,10 +377,49 @@ def _series_value(values: list[Any], files: list[Path], what: str, patient_id: s
     return expected
 
 
-def _show(value: tuple | None) -> str:
-    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+def _show(value: tuple) -> str:
+    if len(value) == 2 and all(isinstance(v, int) for v in value):
         return f"{value[0]}x{value[1]}"
-    return "missing" if value is None else str(list(value))
+    return str(list(value))
+
+
+def _check_volume_size(rows: int, cols: int, slices: int, patient_id: str, folder: Path) -> None:
+    """The volume the headers ask for fits :data:`MAX_VOLUME_BYTES`, before it is allocated."""
+    size = rows * cols * slices * np.dtype(np.int16).itemsize
+    if size > MAX_VOLUME_BYTES:
+        raise InputDataError(
+            f"{slices} slices of {rows}x{cols} pixels make a {size / 1e9:,.1f} GB volume, more than the "
+            f"{MAX_VOLUME_BYTES / 1e9:.1f} GB a CT series may take (about 1,000 slices of 1024x1024)",
+            patient_id=patient_id,
+            path=folder,
+        )
+
+
+def _check_pixel_length(ds: pydicom.Dataset, size: tuple[int, int], path: Path, patient_id: str) -> None:
+    """Native pixel data holds exactly the pixels the header describes (one padding byte allowed
+    when that is odd): pydicom would otherwise read a 16-bit image as 8-bit without a word, or
+    allocate what the header claims. Compressed (encapsulated) data is checked when decoded."""
+    try:
+        element = ds["PixelData"]
+    except KeyError:
+        raise InputDataError("DICOM lacks PixelData", patient_id=patient_id, path=path) from None
+    except _DICOM_ERRORS as error:
+        raise InputDataError(f"invalid DICOM PixelData ({_detail(error)})", patient_id=patient_id, path=path) from None
+    if element.is_undefined_length:
+        return
+    bits = _required(ds, "BitsAllocated", path, patient_id, _positive)
+    samples = _required(ds, "SamplesPerPixel", path, patient_id, _positive, default=1)
+    frames = _required(ds, "NumberOfFrames", path, patient_id, _positive, default=1)
+    expected = (size[0] * size[1] * samples * frames * bits + 7) // 8
+    held = len(element.value or b"")
+    if held not in (expected, expected + expected % 2):
+        extra = (f" x {samples} samples" if samples != 1 else "") + (f" x {frames} frames" if frames != 1 else "")
+        raise InputDataError(
+            f"pixel data holds {held:,} bytes, but {size[0]}x{size[1]} pixels{extra} at BitsAllocated {bits} "
+            f"take {expected:,}",
+            patient_id=patient_id,
+            path=path,
+        )
 
 
 def _check_uniform_spacing(z: np.ndarray, files: list[Path], patient_id: str, folder: Path) -> float:
@@ -496,8 +573,10 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
     """Read, validate and stack one series folder into an int16 HU volume.
 
     Checks: every file is readable DICOM with pixel data, all belong to one CT series, slices
-    share size, spacing and orientation, no duplicate or missing slices, and every annotation
-    contour in the series' LIDC XML falls on a slice of this series.
+    are axial and share size, spacing and orientation, the volume fits :data:`MAX_VOLUME_BYTES`
+    and each file's pixel data is as long as its header says (both before anything is allocated
+    or decoded), no duplicate or missing slices, and every annotation contour in the series' LIDC
+    XML falls on a slice of this series. Each file is read once.
     """
     files = sorted(folder.glob("*.dcm"))
     if not files:
@@ -517,6 +596,9 @@ def load_series(folder: Path, patient_id: str) -> CtSeries:
             path=folder,
         )
     rows, cols = _series_value([v.size for v in values], files, "slice size", patient_id)
+    _check_volume_size(rows, cols, len(files), patient_id, folder)
+    for ds, path in zip(headers, files):
+        _check_pixel_length(ds, (rows, cols), path, patient_id)
     pixel_spacing = _series_value([v.pixel_spacing for v in values], files, "pixel spacing", patient_id)
     _series_value([v.orientation for v in values], files, "image orientation", patient_id)
 
