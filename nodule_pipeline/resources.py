@@ -156,6 +156,15 @@ class ArtefactIOManager(ConfigurableIOManager):
         else:
             raise TypeError(f"{context.asset_key.to_user_string()}: cannot store a {type(obj).__name__}")
 
+    def stored(self, asset_path: list[str]) -> object | None:
+        """What the last run stored for an unpartitioned asset (None before the first): how an
+        asset reads its own earlier output. State that later runs rely on lives here, not in
+        event-log metadata, so a new instance over the same data dir (PostgreSQL) still finds it."""
+        try:
+            return load_artefact(self._folder(asset_path, None))
+        except FileNotFoundError:
+            return None
+
     def _prune_old_models(self, context: OutputContext, current_version: str) -> None:
         """Keep the newest model versions and the one the index was built with; an index that
         cannot be read keeps them all (better a full disk than an index without its model)."""

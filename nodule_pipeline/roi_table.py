@@ -23,6 +23,9 @@ ROI_SIZE = 32
 REQUIRED_COLUMNS = ("patient_id", "nodule_id", "label", "image")
 SPLIT_COLUMN = "split"
 TRAIN, TEST = "train", "test"
+SPLIT_SETTINGS = "split_settings"
+"""``DataFrame.attrs`` key of the settings a split was drawn with; the parquet file keeps it
+(pandas metadata), so a stored table says which settings its ``split`` column came from."""
 
 _INT_COLUMNS = {
     "label": "int8",
@@ -167,6 +170,24 @@ def extend_split(table: pd.DataFrame, previous: dict[str, list[str]]) -> pd.Data
     table = table.copy()
     table[SPLIT_COLUMN] = table["patient_id"].map(side).fillna(TRAIN).astype(str)
     return table
+
+
+def with_split_settings(table: pd.DataFrame, settings: dict) -> pd.DataFrame:
+    """The table carrying the settings its split was drawn with (see :data:`SPLIT_SETTINGS`)."""
+    table = table.copy()
+    table.attrs[SPLIT_SETTINGS] = settings
+    return table
+
+
+def split_settings(table: pd.DataFrame) -> dict | None:
+    """The settings a table's split was drawn with; None for a table that does not record them."""
+    return table.attrs.get(SPLIT_SETTINGS)
+
+
+def training_patients_in_test(train_patients: list[str], table: pd.DataFrame) -> list[str]:
+    """The patients a model trained on that the table's split puts on the test side: figures
+    measured on them are measured on data the model learned from."""
+    return sorted(set(table.loc[table[SPLIT_COLUMN] == TEST, "patient_id"]) & set(train_patients))
 
 
 def split_patients(table: pd.DataFrame) -> dict[str, list[str]]:

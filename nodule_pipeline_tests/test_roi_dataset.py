@@ -164,3 +164,12 @@ def test_external_table_with_a_bad_row_names_file_and_row(tmp_path: Path) -> Non
         read_roi_table(external)
     result = _materialize(tmp_path, {"external_roi_table": str(tmp_path / "missing.parquet")})
     assert not result.success
+
+
+def test_a_stored_table_that_does_not_record_its_split_settings_is_split_afresh(tmp_path: Path) -> None:
+    external = tmp_path / "mine.parquet"
+    write_roi_table(_table(), external)
+    stored = tmp_path / "artefacts" / "roi_dataset" / "rois.parquet"
+    write_roi_table(extend_split(_table(), {"test": ["P000", "P001"]}), stored)  # settings unknown
+    assert _materialize(tmp_path, {"external_roi_table": str(external)}).success
+    assert split_patients(read_roi_table(stored)) == split_patients(assign_split(_table(), seed=0))

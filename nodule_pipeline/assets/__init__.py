@@ -7,8 +7,17 @@ from nodule_pipeline.assets.lung_masks import lung_mask
 from nodule_pipeline.assets.model import hash_model
 from nodule_pipeline.assets.rois import nodule_rois
 from nodule_pipeline.assets.scans import lidc_scan
+from nodule_pipeline.assets.split_leak import (
+    evaluation_model_not_trained_on_test_patients,
+    index_model_not_trained_on_test_patients,
+)
 
 INGESTION_ASSETS = [lidc_scan, lung_mask, nodule_rois]
 LIBRARY_ASSETS = [roi_dataset, hash_model, hash_index, retrieval_evaluation]
 ALL_ASSETS = [*INGESTION_ASSETS, *LIBRARY_ASSETS]
-ALL_CHECKS = [index_rows_match_database, index_uses_current_model]
+ALL_CHECKS = [
+    index_rows_match_database,
+    index_uses_current_model,
+    index_model_not_trained_on_test_patients,
+    evaluation_model_not_trained_on_test_patients,
+]

@@ -9,7 +9,6 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    AssetKey,
     Config,
     DataVersion,
     MetadataValue,
@@ -18,6 +17,7 @@ from dagster import (
 )
 
 from nodule_pipeline.assets.refresh import WHEN_NEW_ROIS
+from nodule_pipeline.assets.split_leak import MODEL_NOT_TRAINED_ON_TEST_PATIENTS
 from nodule_pipeline.currency import latest_failure, latest_record, metadata_of
 from nodule_pipeline.ingest_summary import PatientIngest, summarise_ingestion, summary_lines
 from nodule_pipeline.partitions import patients_partitions
@@ -34,13 +34,14 @@ from nodule_pipeline.roi_table import (
     read_roi_table,
     roi_images,
     split_patients,
+    split_settings,
     table_fingerprint,
+    with_split_settings,
 )
 
 NO_PATIENT_ON_BOTH_SIDES = "no_patient_on_both_sides"
 ROIS_FINITE_32X32 = "rois_finite_32x32"
 LABEL_BALANCE = "label_balance"
-SPLIT_METADATA = "split_patients"
 
 
 class SplitConfig(Config):
@@ -60,6 +61,10 @@ class SplitConfig(Config):
     resplit: bool = False
     malignant_fraction_min: float = 0.2
     malignant_fraction_max: float = 0.8
+
+    def split_settings(self) -> dict:
+        """The settings that draw a split: a stored split is kept only when they match."""
+        return {"mode": self.mode, "test_fraction": self.test_fraction, "seed": self.seed}
 
 
 def ingestion_summary(context: AssetExecutionContext, ingested: set[str]) -> dict:
@@ -89,16 +94,23 @@ def missing_test_split(table: pd.DataFrame, config: SplitConfig) -> str | None:
 
 
 def previous_split(context: AssetExecutionContext, config: SplitConfig) -> dict[str, list[str]] | None:
-    """The patient split of the last ``roi_dataset`` made with the same settings, if any."""
+    """The patient split of the stored ``roi_dataset`` table when it was drawn with the same
+    settings. Read from the table, not the event log: a new instance over the same data dir
+    (SQLite to PostgreSQL) keeps the split the stored model was trained on."""
     if config.resplit or config.mode != "patient":
         return None
-    event = context.instance.get_latest_materialization_event(AssetKey("roi_dataset"))
-    metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
-    settings = metadata.get("split_settings")
-    wanted = {"mode": config.mode, "test_fraction": config.test_fraction, "seed": config.seed}
-    if SPLIT_METADATA not in metadata or settings is None or settings.value != wanted:
+    stored = context.resources.io_manager.stored(context.asset_key.path)
+    if stored is None:
         return None
-    return metadata[SPLIT_METADATA].value
+    settings = split_settings(stored)
+    if settings != config.split_settings():
+        context.log.warning(
+            f"the stored split was drawn with {settings or 'settings it does not record'}, not "
+            f"{config.split_settings()}: a fresh split is drawn; hash_index's {MODEL_NOT_TRAINED_ON_TEST_PATIENTS} "
+            "check says whether hash_model must be retrained"
+        )
+        return None
+    return split_patients(stored)
 
 
 @asset(
@@ -144,6 +156,7 @@ def roi_dataset(context: AssetExecutionContext, config: SplitConfig, nodule_rois
     fractions = malignant_fractions(table) if len(table) else {}
     bad_rows = invalid_images(table)
     version = table_fingerprint(table)
+    table = with_split_settings(table, config.split_settings())
     yield Output(
         table,
         data_version=DataVersion(version),
@@ -168,10 +181,7 @@ def roi_dataset(context: AssetExecutionContext, config: SplitConfig, nodule_rois
                 if ingestion
                 else {}
             ),
-            "split_settings": MetadataValue.json(
-                {"mode": config.mode, "test_fraction": config.test_fraction, "seed": config.seed}
-            ),
-            SPLIT_METADATA: MetadataValue.json(split_patients(table) if len(table) else {"train": [], "test": []}),
+            "split_settings": MetadataValue.json(config.split_settings()),
             **split_table,
             "montage": MetadataValue.md(
                 markdown_image(roi_montage(roi_images(table), table["label"].to_numpy()), "ROIs")

@@ -31,7 +31,7 @@ from nodule_pipeline.hashing.training import (
     train_hash_model,
 )
 from nodule_pipeline.pictures import markdown_image, training_curves
-from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, roi_images, table_fingerprint
+from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, roi_images, split_settings, table_fingerprint
 
 
 class TrainingConfig(Config):
@@ -146,7 +146,7 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
         "model_version": version,
         "data_version": table_fingerprint(roi_dataset),
         "split": {
-            "mode": (latest_metadata(context, "roi_dataset") or {}).get("split_mode"),
+            "mode": (split_settings(roi_dataset) or {}).get("mode"),
             "train_rois": len(train),
             "test_rois": len(test),
             "train_patients": sorted(train["patient_id"].unique().tolist()),
