@@ -1,17 +1,21 @@
 """Crash safety of stored artefacts: writers killed with SIGKILL mid-write, and concurrent writers.
 
-Writers run in real subprocesses that are killed at random moments; afterwards the artefact
-must load (the previous version or the new one, checked by content hash) and a rerun completes.
+Writers run in real subprocesses (:mod:`nodule_pipeline_tests.crash_writer`), told to stop at one
+step of a write (a temporary half written, the old version moved aside, the new one moved in...)
+and killed there by pid, at every step in turn; afterwards the artefact must load as the version
+that step leaves (the previous one, or the new one once it was moved in; checked by content
+hash), and a rerun completes and clears what the dead writer left.
 """
 
 from __future__ import annotations
 
 import os
-import random
+import selectors
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,53 +25,69 @@ import pytest
 from nodule_pipeline.hashing.index import build_index, load_index, save_index
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
 from nodule_pipeline.storage import prune_model_versions
+from nodule_pipeline_tests.crash_writer import STOPS
 
-ITEMS = 40_000
-WRITER = f"""
-import sys
-import numpy as np
-import pandas as pd
-from pathlib import Path
-from nodule_pipeline.hashing.index import build_index, save_index
-from nodule_pipeline.roi_table import write_roi_table
-kind, target, first, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-for version in range(first, first + count):
-    if kind == "index":
-        rng = np.random.default_rng(version)
-        n = {ITEMS}
-        ids = [str(i) for i in range(n)]
-        items = pd.DataFrame({{"patient_id": [f"P{{i % 50}}" for i in range(n)], "nodule_id": ids}})
-        codes, fc, labels = rng.random((n, 256)) < 0.5, rng.random((n, 128)), rng.integers(0, 2, n)
-        index = build_index(codes, fc, labels, items, f"m{{version}}")
-        save_index(index, target)
-    else:
-        rows = 200 + version
-        table = pd.DataFrame({{"patient_id": ["P"] * rows, "nodule_id": [str(i) for i in range(rows)],
-                              "label": np.zeros(rows, np.int8), "image": [np.full(1024, version, np.float32)] * rows}})
-        write_roi_table(table, target)
-    print(version, flush=True)
-"""
+REPO = Path(__file__).resolve().parents[1]
+REACH_S = 120.0
+"""How long a writer may take to reach its step: a hang detector, the kill waits for the step."""
+INDEX_STEPS = {
+    "half filled": (False, (True, 0, 1)),
+    "old moved aside": (False, (False, 1, 1)),
+    "new moved in": (True, (True, 1, 0)),
+}
+"""Per step an index writer is killed at: whether its version is stored, and what it leaves:
+(whether ``hash_index`` exists, old indexes moved aside, temporary folders)."""
+ROIS_STEPS = {"half written": (False, 1), "written, not renamed": (False, 1), "renamed": (True, 0)}
+"""Per step a ROI table writer is killed at: whether its version is stored, and the temporary
+files it leaves."""
+
+Writers = Callable[..., subprocess.Popen]
 
 
-def _writer(kind: str, target: Path, first: int, count: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", WRITER, kind, str(target), str(first), str(count)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture
+def writers() -> Iterator[Writers]:
+    """Starts writers; the ones still running when the test ends are killed by pid."""
+    started: list[subprocess.Popen] = []
+
+    def start(kind: str, target: Path, first: int, count: int, step: str | None = None) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nodule_pipeline_tests.crash_writer", kind, str(target), str(first), str(count)]
+            + ([step] if step else []),
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
-def _kill_at_random(kind: str, target: Path, kills: int, seed: int) -> list[int]:
-    """Start a writer of many versions and SIGKILL it at a random moment, ``kills`` times."""
-    rng = random.Random(seed)
-    completed: list[int] = []
-    for attempt in range(kills):
-        writer = _writer(kind, target, first=1000 * (attempt + 1), count=50)
-        time.sleep(rng.uniform(0.3, 2.0))
-        writer.send_signal(signal.SIGKILL)
-        out, _ = writer.communicate()
-        completed += [int(line) for line in out.split()]
-    return completed
+def _kill_at(writers: Writers, kind: str, target: Path, version: int, step: str) -> None:
+    """Start a writer of ``version`` that stops at ``step``; SIGKILL it there, by its pid."""
+    writer = writers(kind, target, version, 1, step)
+    expected, seen = f"paused {step}\n".encode(), b""
+    deadline = time.monotonic() + REACH_S
+    with selectors.DefaultSelector() as selector:
+        selector.register(writer.stdout, selectors.EVENT_READ)
+        while not seen.endswith(expected):
+            if not selector.select(deadline - time.monotonic()):
+                pytest.fail(f"the {kind} writer did not reach {step!r} in {REACH_S:.0f} s")
+            chunk = os.read(writer.stdout.fileno(), 4096)
+            if not chunk:
+                pytest.fail(f"the {kind} writer exited ({writer.wait()}) before {step!r}: {seen!r}")
+            seen += chunk
+    writer.kill()
+    assert writer.wait() == -signal.SIGKILL
+
+
+def _leftovers(folder: Path, pattern: str) -> list[str]:
+    return sorted(p.name for p in folder.glob(pattern))
 
 
 def _save_small_index(folder: Path, model_version: str) -> None:
@@ -79,21 +99,26 @@ def _save_small_index(folder: Path, model_version: str) -> None:
     )
 
 
-def test_an_index_writer_killed_mid_write_leaves_a_whole_index(tmp_path: Path) -> None:
+def test_an_index_writer_killed_at_each_step_leaves_a_whole_index(tmp_path: Path, writers: Writers) -> None:
+    assert list(INDEX_STEPS) == list(STOPS["index"])
     folder = tmp_path / "hash_index"
     _save_small_index(folder, "first")
-    completed = _kill_at_random("index", folder, kills=6, seed=1)
-    index = load_index(folder, verify=True)  # content hash matches its manifest: no mix of versions
-    written = {"first"} | {f"m{v}" for v in completed}
-    in_flight = {f"m{v + 1}" for v in completed} | {f"m{1000 * k}" for k in range(1, 7)}
-    assert index.model_version in written | in_flight  # the old one, or one whose swap completed
-    writer = _writer("index", folder, first=9000, count=1)  # a rerun completes and clears the dead's temporaries
+    stored = "first"
+    for number, (step, (lands, left)) in enumerate(INDEX_STEPS.items(), start=1):
+        _kill_at(writers, "index", folder, 1000 * number, step)
+        aside, filling = _leftovers(tmp_path, ".hash_index.old-*"), _leftovers(tmp_path, ".hash_index.*~*~*")
+        assert (folder.exists(), len(aside), len(filling)) == left, step  # killed where it was told to stop
+        stored = f"m{1000 * number}" if lands else stored
+        # content hash matches its manifest: no mix of versions; a swap cut short is finished
+        assert load_index(folder, verify=True).model_version == stored, step
+    writer = writers("index", folder, 9000, 1)  # a rerun completes and clears the dead's temporaries
     assert writer.wait(timeout=120) == 0
     assert load_index(folder, verify=True).model_version == "m9000"
     assert {p.name for p in tmp_path.iterdir()} == {"hash_index", ".hash_index.lock"}
 
 
-def test_a_roi_table_writer_killed_mid_write_leaves_a_whole_table(tmp_path: Path) -> None:
+def test_a_roi_table_writer_killed_at_each_step_leaves_a_whole_table(tmp_path: Path, writers: Writers) -> None:
+    assert list(ROIS_STEPS) == list(STOPS["rois"])
     target = tmp_path / "nodule_rois" / "P" / "rois.parquet"
     write_roi_table(
         pd.DataFrame(
@@ -101,11 +126,15 @@ def test_a_roi_table_writer_killed_mid_write_leaves_a_whole_table(tmp_path: Path
         ),
         target,
     )
-    _kill_at_random("rois", target, kills=6, seed=2)
-    table = read_roi_table(target)
-    value = float(table["image"].iloc[0][0])
-    assert len(table) == (1 if value == 0 else 200 + int(value))  # rows and pixels from one version
-    writer = _writer("rois", target, first=9000, count=1)  # a rerun completes and clears the dead's temporaries
+    stored = 0
+    for number, (step, (lands, left)) in enumerate(ROIS_STEPS.items(), start=1):
+        _kill_at(writers, "rois", target, 1000 * number, step)
+        assert len(_leftovers(target.parent, ".rois.parquet.*.tmp")) == left, step  # killed where it was told to stop
+        stored = 1000 * number if lands else stored
+        table = read_roi_table(target)
+        value = float(table["image"].iloc[0][0])
+        assert (value, len(table)) == (stored, 200 + stored if stored else 1), step  # rows and pixels of one version
+    writer = writers("rois", target, 9000, 1)  # a rerun completes and clears the dead's temporaries
     assert writer.wait(timeout=120) == 0
     assert len(read_roi_table(target)) == 9200
     assert {p.name for p in target.parent.iterdir()} == {"rois.parquet"}
@@ -118,21 +147,15 @@ def test_a_swap_interrupted_between_its_renames_is_finished_by_the_next_reader(t
     assert load_index(folder).model_version == "kept"
 
 
-def test_two_concurrent_writers_leave_one_valid_index(tmp_path: Path) -> None:
+def test_two_concurrent_writers_leave_one_valid_index(tmp_path: Path, writers: Writers) -> None:
     folder = tmp_path / "hash_index"
-    writers = [_writer("index", folder, first=first, count=8) for first in (100, 200)]
-    outputs = [w.communicate(timeout=600)[0] for w in writers]
-    assert [w.returncode for w in writers] == [0, 0]
+    both = [writers("index", folder, first, 8) for first in (100, 200)]
+    outputs = [w.communicate(timeout=600)[0] for w in both]
+    assert [w.returncode for w in both] == [0, 0]
     index = load_index(folder, verify=True)
     assert index.model_version in {"m107", "m207"}  # the last swap of one of them, whole
     assert all(len(out.split()) == 8 for out in outputs)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hash_index.") and not p.name.endswith(".lock")]
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_writers():
-    yield
-    os.system("pkill -9 -f 'nodule_pipeline.hashing.index import build_index' >/dev/null 2>&1")
 
 
 def test_old_model_versions_are_pruned_but_not_the_one_in_use(tmp_path: Path) -> None:
