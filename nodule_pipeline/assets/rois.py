@@ -34,7 +34,7 @@ class RoiConfig(Config):
 @asset(
     partitions_def=patients_partitions,
     group_name="ingestion",
-    code_version="1",
+    code_version="2",  # 2: the crop no longer reads the reader's outline (one cut with queries)
     kinds={"parquet"},
     # ROIs need the rows around each nodule's centre only: the stored scan is read lazily.
     ins={"lidc_scan": AssetIn(metadata={LAZY_VOLUMES: True}), "lung_mask": AssetIn()},

@@ -24,7 +24,7 @@ from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
 from nodule_pipeline.hashing.search import TIE_KEY_COLUMNS, BatchResult, SearchHit, search, search_batch
 from nodule_pipeline.hashing.training import Encoded, TrainedModel, encode, load_model, read_model_card
 from nodule_pipeline.lidc.lung_mask import segment_lungs
-from nodule_pipeline.lidc.rois import query_roi_at
+from nodule_pipeline.lidc.rois import roi_at
 from nodule_pipeline.lidc.series import CtSeries, load_series
 from nodule_pipeline.pictures import LUNG_WINDOW
 from nodule_pipeline.roi_table import ROI_SIZE
@@ -353,7 +353,7 @@ class NoduleSearcher:
                 ) from None
         if lungs is None:
             lungs = segment_lungs(series.hu, series.spacing_mm)
-        image = query_roi_at(series.hu, lungs, centre)
+        image = roi_at(series.hu, lungs, centre)
         return self.search_roi(image, k, mode, exclude_patient, source=str(series.folder))
 
 

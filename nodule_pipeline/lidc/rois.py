@@ -31,8 +31,8 @@ INDETERMINATE = 3
 
 @dataclass(frozen=True)
 class RoiSettings:
-    """How ROIs are cut. ``mask_outside_lung`` follows the paper: only parenchyma (plus the
-    nodule itself) is kept, everything else reads as air."""
+    """How ROIs are cut. ``mask_outside_lung`` follows the paper: only the lung (and a nodule
+    the lung mask stops short of, see :func:`roi_at`) is kept, everything else reads as air."""
 
     size: int = 32
     mask_outside_lung: bool = True
@@ -94,39 +94,33 @@ def crop(image: np.ndarray, centre: tuple[int, int], size: int, fill: float) -> 
 
 
 def roi_at(
-    hu: np.ndarray,
-    lung_mask: np.ndarray,
-    centre: tuple[int, int, int],
-    nodule_slice_mask: np.ndarray | None = None,
-    settings: RoiSettings = RoiSettings(),
-) -> np.ndarray:
-    """The ROI centred on voxel ``centre`` = (row, col, slice): the one crop rule shared by
-    ingestion and by queries, so a query nodule is cut exactly as the database was."""
-    i, j, k = centre
-    slice_hu = hu[:, :, k]
-    if settings.mask_outside_lung:
-        keep = lung_mask[:, :, k] if nodule_slice_mask is None else lung_mask[:, :, k] | nodule_slice_mask
-        slice_hu = np.where(keep, slice_hu, AIR_HU)
-    return crop(slice_hu, (i, j), settings.size, AIR_HU)
-
-
-def query_roi_at(
     hu: np.ndarray, lung_mask: np.ndarray, centre: tuple[int, int, int], settings: RoiSettings = RoiSettings()
 ) -> np.ndarray:
-    """The ROI for a query nodule, which has no reader outline. Where the lung mask already holds
-    the nodule's centre the crop is exactly the ingestion crop; where the mask stops short of
-    it (a juxta-pleural nodule), the soft-tissue blob under the centre is kept as its outline."""
+    """The ROI centred on voxel ``centre`` = (row, col, slice): the one cut of ingestion and of
+    queries, so a query at a database nodule's centre gives its database crop pixel for pixel.
+
+    It reads only what a query has, the scan and its lung mask, never a reader's outline: an
+    outline would shape database crops in a way no query can repeat, and the model is trained on
+    the crops it is later asked about. With ``mask_outside_lung`` the lung is kept and the rest
+    reads as air; where the mask stops short of the centre (a juxta-pleural nodule) the tissue
+    denser than the lung that touches the centre is kept too, and the centre always is. Only the
+    crop's rows and columns are read, so a lazily stored volume decompresses a few frames.
+    """
     i, j, k = centre
-    if lung_mask[i, j, k] or not settings.mask_outside_lung:
-        return roi_at(hu, lung_mask, centre, None, settings)
     half = settings.size // 2
     r0, c0 = max(i - half, 0), max(j - half, 0)
-    labels, _ = ndimage.label(hu[r0 : i + half, c0 : j + half, k] > SOFT_TISSUE_HU)
-    blob = np.zeros(hu.shape[:2], dtype=bool)
-    label = labels[i - r0, j - c0]
-    if label:
-        blob[r0 : r0 + labels.shape[0], c0 : c0 + labels.shape[1]] = labels == label
-    return roi_at(hu, lung_mask, centre, blob, settings)
+    rows, cols = slice(r0, i - half + settings.size), slice(c0, j - half + settings.size)
+    window = np.asarray(hu[rows, cols, k])
+    local = (i - r0, j - c0)
+    if settings.mask_outside_lung:
+        keep = np.asarray(lung_mask[rows, cols, k])
+        if not keep[local]:
+            dense = window > SOFT_TISSUE_HU
+            dense[local] = True
+            labels, _ = ndimage.label(dense)
+            keep = keep | (labels == labels[local])
+        window = np.where(keep, window, AIR_HU)
+    return crop(window, local, settings.size, AIR_HU)
 
 
 def _diameter_mm(annotation: Annotation, spacing_mm: tuple[float, float, float]) -> float:
@@ -172,10 +166,7 @@ def extract_rois(
             i, j, k = nodule_centre(masks)
             nodule_here = masks.get(k, np.zeros(plane, dtype=bool))
             lung_here = lung_mask[:, :, k]
-            # Only the rows the crop covers are read: with a lazily stored volume (see
-            # ``open_scan(lazy=True)``) that decompresses a few frames instead of the scan.
-            r0, r1 = max(i - settings.size // 2, 0), i - settings.size // 2 + settings.size
-            image = roi_at(series.hu[r0:r1], lung_mask[r0:r1], (i - r0, j, k), nodule_here[r0:r1], settings)
+            image = roi_at(series.hu, lung_mask, (i, j, k), settings)
             nodule_pixels = max(int(nodule_here.sum()), 1)
             rows.append(
                 {
