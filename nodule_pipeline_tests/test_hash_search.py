@@ -20,6 +20,7 @@ from nodule_pipeline.hashing.index import (
     load_index,
     save_index,
 )
+from nodule_pipeline.hashing.network import HashNet, NetworkConfig, NormalisationStats
 from nodule_pipeline.hashing.search import (
     JSON_KEYS,
     hamming_distances,
@@ -27,6 +28,8 @@ from nodule_pipeline.hashing.search import (
     search,
     search_batch,
 )
+from nodule_pipeline.hashing.searcher import NoduleSearcher
+from nodule_pipeline.hashing.training import TrainConfig, TrainedModel, encode
 
 
 @pytest.fixture
@@ -358,6 +361,43 @@ def test_save_load_round_trip(tmp_path) -> None:
     # Saving again (from the memory-mapped copy, over the same folder) keeps the version.
     save_index(loaded, folder)
     assert load_index(folder, verify=True).index_version == index.index_version
+
+
+def _searcher_of_rois(rois: np.ndarray, rng: np.random.Generator) -> NoduleSearcher:
+    """A searcher over ``rois`` with an untrained small network, one patient per ROI: what the
+    library stores its images as is the point here, not how well they are found."""
+    network = NetworkConfig(bits=32, lstm_hidden=16, attention_dim=16, fc_dim=64)
+    model = TrainedModel(HashNet(network).eval(), network, TrainConfig(), NormalisationStats("percentile", 0.0, 1.0))
+    encoded = encode(model, rois)
+    items = _items(len(rois), rng).assign(patient_id=[f"P{i}" for i in range(len(rois))])
+    index = build_index(encoded.codes, encoded.fc, rng.integers(0, 2, len(rois)), items, "m", rois=rois)
+    return NoduleSearcher(model, index, "m")
+
+
+def test_library_rois_keep_their_values_through_save_and_load(tmp_path) -> None:
+    """A table not in HU (0..1) keeps its float32 values, and search by nodule re-encodes exactly
+    those; whole HU stay int16 (half the bytes); half HU and whole numbers beyond int16 stay float32."""
+    rng = np.random.default_rng(9)
+    hu = rng.integers(-1024, 1500, (6, 32, 32)).astype(np.float32)
+    wide = hu.copy()
+    wide[2, 3, 4] = 40000
+    tables = {
+        "unit": (rng.random((6, 32, 32)).astype(np.float32), np.float32),
+        "hu": (hu, np.int16),
+        "half_hu": (hu + np.float32(0.5), np.float32),
+        "wide": (wide, np.float32),
+    }
+    for name, (rois, dtype) in tables.items():
+        searcher = _searcher_of_rois(rois, rng)
+        assert searcher.index.rois.dtype == dtype and np.array_equal(searcher.index.rois, rois)
+        save_index(searcher.index, tmp_path / name)
+        loaded = load_index(tmp_path / name, verify=True)
+        assert loaded.rois.dtype == dtype and np.array_equal(loaded.rois, rois)
+        response = NoduleSearcher(searcher.model, loaded, "m").search_nodule("N1", k=3)
+        assert np.array_equal(response.query_image, rois[1]), name
+    np.save(tmp_path / "unit" / "rois.npy", tables["unit"][0].astype(np.float64))
+    with pytest.raises(IndexFormatError, match="rois must be int16 or float32, got float64"):
+        load_index(tmp_path / "unit")
 
 
 def test_index_version_changes_with_content() -> None:

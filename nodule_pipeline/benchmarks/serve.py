@@ -69,7 +69,7 @@ def build_library(data_dir: Path, items: int, seed: int = 0) -> None:
         (table["malignancy"] > 3).to_numpy(),
         table,
         model_version=version,
-        rois=rng.normal(-700, 200, (items, 32, 32)),
+        rois=np.rint(rng.normal(-700, 200, (items, 32, 32))),  # whole HU: stored as int16, as a real library
     )
     save_index(index, artefact_folder(base, ["hash_index"]))
 

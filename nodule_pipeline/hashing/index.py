@@ -40,6 +40,8 @@ PREDICTED_FILE = "predicted.npy"
 ITEMS_FILE = "items.parquet"
 ROIS_FILE = "rois.npy"
 _DATA_FILES = (CODES_FILE, FC_FILE, LABELS_FILE, PREDICTED_FILE, ITEMS_FILE)
+ROI_DTYPES = (np.dtype(np.int16), np.dtype(np.float32))
+"""How library ROIs are stored: int16 for whole HU, float32 for anything else."""
 
 
 class IndexFormatError(ValueError):
@@ -63,7 +65,7 @@ class HashIndex:
     model_version: str
     index_version: str  # content hash (see compute_index_version), named in every search result
     format_version: int = FORMAT_VERSION
-    rois: np.ndarray | None = None  # int16 (n, 32, 32) HU, for pictures of results; search never reads it
+    rois: np.ndarray | None = None  # (n, 32, 32) as read (see _library_rois): pictures and search by nodule
     lineage: dict[str, Any] = field(default_factory=dict)  # what it was built from (data version, patients)
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -88,6 +90,8 @@ class HashIndex:
             raise ValueError(f"items lacks required column(s) {missing}")
         if self.rois is not None and (self.rois.ndim != 3 or self.rois.shape[0] != n):
             raise ValueError(f"rois must be ({n}, h, w), got {self.rois.shape}")
+        if self.rois is not None and self.rois.dtype not in ROI_DTYPES:
+            raise ValueError(f"rois must be int16 or float32, got {self.rois.dtype}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -113,9 +117,9 @@ def build_index(
     ``codes`` is either boolean/0-1 codes (n, bits) or already packed ``uint8`` (n, bits/8):
     a ``uint8`` array is always taken as packed. ``fc`` is rounded to float16 here, once, so an
     index behaves the same before and after a save/load round trip. ``predicted`` defaults to -1
-    (unknown). ``rois`` (optional) are kept as int16 HU thumbnails for result pictures; they are
-    not part of the content hash nor of the search. ``lineage`` (JSON-ready) is stored in the
-    manifest: the data version and patients the database came from.
+    (unknown). ``rois`` (optional) are kept with their values as read (:func:`_library_rois`) for
+    result pictures and search by nodule; they are not part of the content hash. ``lineage``
+    (JSON-ready) is stored in the manifest: the data version and patients the database came from.
     """
     codes = np.asarray(codes)
     if codes.ndim != 2:
@@ -169,9 +173,22 @@ def build_index(
         bits=bits,
         model_version=str(model_version),
         index_version=version,
-        rois=None if rois is None else np.clip(np.rint(rois), -32768, 32767).astype(np.int16),
+        rois=None if rois is None else _library_rois(rois),
         lineage=dict(lineage or {}),
     )
+
+
+def _library_rois(rois: np.ndarray) -> np.ndarray:
+    """A read-only copy of ``rois`` that keeps every value: int16 (half the bytes) only when all
+    are whole numbers in its range, as HU crops are; float32 otherwise (a table on another scale,
+    such as 0..1), since search by nodule re-encodes these very images."""
+    values = np.array(rois, dtype=np.float32, order="C", copy=True)
+    whole = np.array_equal(np.rint(values), values) and (
+        values.size == 0 or -32768 <= values.min() <= values.max() <= 32767
+    )
+    out = values.astype(np.int16) if whole else values
+    out.flags.writeable = False
+    return out
 
 
 def _features_float16(fc: np.ndarray) -> np.ndarray:
@@ -258,7 +275,7 @@ def save_index(index: HashIndex, folder: Path | str) -> Path:
         np.save(tmp / PREDICTED_FILE, np.ascontiguousarray(index.predicted), allow_pickle=False)
         index.items.to_parquet(tmp / ITEMS_FILE, index=False)
         if index.rois is not None:
-            np.save(tmp / ROIS_FILE, np.ascontiguousarray(index.rois, dtype=np.int16), allow_pickle=False)
+            np.save(tmp / ROIS_FILE, np.ascontiguousarray(index.rois), allow_pickle=False)
         labels, counts = np.unique(index.labels, return_counts=True)
         manifest = {
             "format_version": FORMAT_VERSION,
