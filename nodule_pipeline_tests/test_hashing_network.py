@@ -19,6 +19,7 @@ from nodule_pipeline.hashing.network import (
     normalise_rois,
 )
 from nodule_pipeline.hashing.training import (
+    TRAINING_THREADS,
     EpochStats,
     TrainConfig,
     classification_metrics,
@@ -350,4 +351,25 @@ def test_the_order_of_the_rows_does_not_change_the_model() -> None:
     first = train_hash_model(images, labels, patients, NetworkConfig(bits=32, **SMALL), config)
     second = train_hash_model(images[order], labels[order], patients[order], NetworkConfig(bits=32, **SMALL), config)
     one, two = first.module.state_dict(), second.module.state_dict()
+    assert all(torch.equal(one[key], two[key]) for key in one)
+
+
+def test_the_host_thread_count_does_not_change_the_model() -> None:
+    """Training runs in its own fixed thread count (recorded in the config the card keeps), so a
+    host with one core and one with two train the same weights; with the host's count (None) the
+    reductions split differently and the weights differ in their last bits."""
+    images, labels, patients = make_rois(n_patients=10, per_patient=4, seed=5)
+    config = TrainConfig(epochs=2, batch_size=8)
+    assert config.num_threads == TRAINING_THREADS and config.to_dict()["num_threads"] == TRAINING_THREADS
+    weights = []
+    previous = torch.get_num_threads()
+    try:
+        for host_threads in (1, 2):
+            torch.set_num_threads(host_threads)
+            model = train_hash_model(images, labels, patients, NetworkConfig(bits=32, **SMALL), config)
+            assert torch.get_num_threads() == host_threads  # the caller's count is restored
+            weights.append(model.module.state_dict())
+    finally:
+        torch.set_num_threads(previous)
+    one, two = weights
     assert all(torch.equal(one[key], two[key]) for key in one)

@@ -60,6 +60,7 @@ class TrainingConfig(Config):
     decorrelation_weight: float | None = None
     validation_fraction: float | None = None
     early_stopping_patience: int | None = None
+    num_threads: int | None = None
     seed: int = 0
     device: str = "auto"
     accuracy_floor: float = 0.7
