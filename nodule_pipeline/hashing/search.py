@@ -591,6 +591,15 @@ def _query_fc(index: HashIndex, query_fc: np.ndarray | None) -> np.ndarray:
     return fc32
 
 
+def fc_rounding_bound(stored_fc: np.ndarray) -> float:
+    """The largest Euclidean distance that float16 storage alone puts between a library item and
+    a query cut from the same image: the query is encoded alone, the library in batches (another
+    summation order), so features equal to float32 precision may round to neighbouring float16
+    values, at most one float16 step per feature."""
+    steps = np.spacing(np.abs(np.asarray(stored_fc, dtype=np.float16))).astype(np.float64)
+    return float(np.sqrt(np.sum(steps**2)))
+
+
 def _euclidean(index: HashIndex, rows: np.ndarray, query_fc32: np.ndarray) -> np.ndarray:
     """float32 Euclidean distances for the pool's rows only (never converts the whole fc matrix)."""
     diff = np.asarray(index.fc[rows], dtype=np.float32) - query_fc32
@@ -736,7 +745,8 @@ def search(
     ``exclude_patient`` drops every item of that patient (a query from a database patient must
     not find its own nodule); ``exclude_rows`` drops given rows.
     """
-    k = _check_args(k, mode, pool_factor)
+    # at most the library: no k asked for costs more work or memory than the whole library
+    k = min(_check_args(k, mode, pool_factor), max(1, len(index)))
     if mode == "hierarchical" and query_class is None:
         raise ValueError("hierarchical search needs the query's predicted class (query_class)")
     qwords = _query_words(index, np.asarray(query_code_packed).reshape(1, -1))

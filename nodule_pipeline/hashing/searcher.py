@@ -31,6 +31,9 @@ from nodule_pipeline.roi_table import ROI_SIZE
 from nodule_pipeline.storage import artefact_folder, artefacts_dir, model_version_folder
 
 MODES = ("hierarchical", "hamming", "rerank")
+MAX_K = 1000
+"""The most hits one query may ask for (a library smaller than k answers all it holds): a
+person reads ten, an evaluation a hundred, and no request can make the server allocate more."""
 
 
 @dataclass
@@ -221,8 +224,8 @@ class NoduleSearcher:
     def _check_options(k: int, mode: str) -> None:
         if mode not in MODES:
             raise InputDataError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise InputDataError(f"k must be a whole number of at least 1, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
+            raise InputDataError(f"k must be a whole number from 1 to {MAX_K:,}, got {k!r}")
 
     def _check_position_query(
         self, voxel: object, position_mm: object, k: int, mode: str, source: str
