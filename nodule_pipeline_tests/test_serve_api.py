@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import stat
 import urllib.parse
 import zipfile
 from pathlib import Path
@@ -149,8 +150,8 @@ def test_bad_options_and_unknown_nodules_get_the_cli_message(
         assert status == 400 and answer["error"] == cli_error(capsys, cli + argv)
     for query, message in (
         ({"nodule_id": QUERY, "mode": "nearest"}, "unknown search mode 'nearest'; use one of hierarchical"),
-        ({"nodule_id": QUERY, "k": 2.5}, "k must be a whole number of at least 1, got 2.5"),
-        ({"nodule_id": QUERY, "k": "10"}, "k must be a whole number of at least 1, got '10'"),
+        ({"nodule_id": QUERY, "k": 2.5}, "k must be a whole number from 1 to 1,000, got 2.5"),
+        ({"nodule_id": QUERY, "k": "10"}, "k must be a whole number from 1 to 1,000, got '10'"),
         ({"nodule_id": 7}, "unknown nodule 7"),
         ({"image": [[0.0] * 32] * 31 + [[0.0] * 5]}, "image: query ROI must be a 32x32 grid of numbers"),
         ({"image": ["-600"] * 1024}, "must hold real numbers (HU), got dtype <U4"),
@@ -169,7 +170,7 @@ def test_bad_options_and_unknown_nodules_get_the_cli_message(
     good = io.BytesIO()
     np.save(good, np.full((32, 32), -600.0))
     status, answer = upload(search_page, "/api/search/upload", "roi.npy", good.getvalue(), k="ten")
-    assert status == 400 and "k must be a whole number of at least 1, got 'ten'" in answer["error"]
+    assert status == 400 and "k must be a whole number from 1 to 1,000, got 'ten'" in answer["error"]
 
 
 def declare_body(server: SearchServer, path: str, length: int) -> tuple[int, dict]:
@@ -225,11 +226,48 @@ def test_a_clicked_voxel_of_an_uploaded_series_finds_its_nodule(
     assert status == 400 and "slices 0..132" in json.loads(body)["error"]
     status, answer = upload(search_page, "/api/series", "notes.zip", b"PK\x03\x04 not really")
     assert status == 400 and answer["error"].startswith("notes.zip: not a readable zip archive")
-    empty = io.BytesIO()
-    with zipfile.ZipFile(empty, "w") as notes:
-        notes.writestr("../escape.dcm", b"x")
-    status, answer = upload(search_page, "/api/series", "escape.zip", empty.getvalue())
-    assert status == 400 and "a file outside its folder: '../escape.dcm'" in answer["error"]
+
+
+EVIL_MEMBERS = {
+    "../escape.dcm": "its name steps out of the folder (..)",
+    "a/../../escape.dcm": "its name steps out of the folder (..)",
+    "/tmp/escape.dcm": "its name is an absolute path",
+    "\\tmp\\escape.dcm": "its name holds a backslash",
+    "a\\..\\..\\escape.dcm": "its name holds a backslash",
+    "C:/escape.dcm": "its name starts with a drive letter",
+    "C:escape.dcm": "its name starts with a drive letter",
+}
+
+
+def evil_zip(member: str, *, link: bool = False, twice: bool = False) -> bytes:
+    """A zip whose first member is ``member`` (a symbolic link when ``link``), written twice when
+    ``twice``: the shapes of a zip-slip attack."""
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as archive:
+        info = zipfile.ZipInfo(member)
+        if link:
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        archive.writestr(info, "/etc/passwd" if link else b"x")
+        if twice:
+            archive.writestr(zipfile.ZipInfo(member), b"y")
+    return data.getvalue()
+
+
+@pytest.mark.parametrize("member", sorted(EVIL_MEMBERS))
+def test_zip_members_that_leave_their_folder_are_refused_by_name(search_page: SearchServer, member: str) -> None:
+    status, answer = upload(search_page, "/api/series", "evil.zip", evil_zip(member))
+    assert status == 400, answer
+    assert answer["error"] == f"evil.zip: zip member {member!r} refused: {EVIL_MEMBERS[member]}"
+    assert not Path("/tmp/escape.dcm").exists() and not Path("/escape.dcm").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # the attack itself
+def test_links_and_duplicate_members_are_refused(search_page: SearchServer) -> None:
+    status, answer = upload(search_page, "/api/series", "link.zip", evil_zip("series/1.dcm", link=True))
+    assert status == 400 and answer["error"] == "link.zip: zip member 'series/1.dcm' refused: it is a link"
+    status, answer = upload(search_page, "/api/series", "twice.zip", evil_zip("series/1.dcm", twice=True))
+    assert status == 400
+    assert answer["error"] == "twice.zip: zip member 'series/1.dcm' refused: another member has the same name"
 
 
 def test_a_zip_of_a_whole_patient_folder_uses_its_ct_and_leaves_the_radiograph(

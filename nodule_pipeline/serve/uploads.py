@@ -10,7 +10,9 @@ so that each click is a quick query. The newest few series are kept; older ones 
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
+import stat
 import tempfile
 import threading
 import zipfile
@@ -112,22 +114,20 @@ def read_series_zip(file: BinaryIO, name: str) -> CtSeries:
 
 
 def _unpack(archive: zipfile.ZipFile, root: Path, name: str) -> list[Path]:
-    """Write the zip's files under ``root``, refusing names that leave it and archives that
-    unpack to more than :data:`MAX_FILES` files or :data:`MAX_UNPACKED_BYTES`; returns the folders
-    that hold ``.dcm`` files (macOS's ``__MACOSX`` copies left out)."""
+    """Write the zip's files under ``root`` (each checked by :func:`member_target`), refusing
+    archives that unpack to more than :data:`MAX_FILES` files or :data:`MAX_UNPACKED_BYTES`;
+    returns the folders that hold ``.dcm`` files (macOS's ``__MACOSX`` copies left out)."""
     members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
     if len(members) > MAX_FILES:
         raise InputDataError(f"the zip holds {len(members)} files, more than {MAX_FILES}", path=name)
     written = 0
     folders = set()
+    seen: set[tuple[str, ...]] = set()
     for member in members:
-        parts = PurePosixPath(member.filename.replace("\\", "/")).parts
-        if not parts or member.filename.startswith("/") or ".." in parts or ":" in parts[0]:
-            raise InputDataError(f"the zip holds a file outside its folder: {member.filename!r}", path=name)
-        target = root.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = member_target(member, root, seen, name)
         try:
-            with archive.open(member) as source, target.open("wb") as out:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as source, target.open("xb") as out:
                 while chunk := source.read(_COPY_CHUNK):
                     written += len(chunk)
                     if written > MAX_UNPACKED_BYTES:
@@ -136,10 +136,50 @@ def _unpack(archive: zipfile.ZipFile, root: Path, name: str) -> list[Path]:
         except InputDataError:
             raise
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
-            raise InputDataError(f"{member.filename}: cannot unpack ({error})", path=name) from None
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise InputDataError(f"zip member {member.filename!r}: cannot unpack ({reason})", path=name) from None
         if target.suffix == ".dcm":  # what load_series reads
             folders.add(target.parent)
     return sorted(folders)
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def member_target(member: zipfile.ZipInfo, root: Path, seen: set[tuple[str, ...]], name: str) -> Path:
+    """Where a zip member is written: a plain file strictly under ``root``. A name that is absolute,
+    has a drive letter, a backslash or a ``..`` step, a link or any other non-file entry, and a
+    second member of the same name are refused, naming the member (nothing outside ``root`` is
+    ever opened, whatever the name's spelling)."""
+    filename = member.filename
+    parts = PurePosixPath(filename).parts
+    kind = stat.S_IFMT(member.external_attr >> 16)
+    reason = (
+        "its name holds a backslash"
+        if "\\" in filename
+        else "its name is an absolute path"
+        if filename.startswith("/")
+        else "its name starts with a drive letter"
+        if _DRIVE.match(filename)
+        else "its name steps out of the folder (..)"
+        if ".." in parts
+        else "it is a link"
+        if kind == stat.S_IFLNK
+        else "it is not a plain file"
+        if kind not in (0, stat.S_IFREG)
+        else "it has an empty name"
+        if not parts
+        else "another member has the same name"
+        if parts in seen
+        else None
+    )
+    target = root.joinpath(*parts) if parts else root
+    if reason is None and not target.resolve().is_relative_to(root.resolve()):
+        reason = "it would be written outside the upload's folder"
+    if reason is not None:
+        raise InputDataError(f"zip member {filename!r} refused: {reason}", path=name)
+    seen.add(parts)
+    return target
 
 
 def slice_png(uploaded: UploadedSeries, index: int, level: float, width: float) -> bytes:
