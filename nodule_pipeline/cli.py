@@ -281,15 +281,45 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_CONCURRENCY = 64
+"""Connections the search server holds at once; beyond them uvicorn answers 503 at once."""
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the search page and its JSON API for the index under ``--data-dir`` (127.0.0.1 by default)."""
+    """Serve the search page and its JSON API for the index under ``--data-dir`` (127.0.0.1 by
+    default). Without a token it answers on loopback only: a non-loopback ``--host`` needs one."""
+    import logging
+
     import uvicorn
 
     from nodule_pipeline.serve.app import create_app
+    from nodule_pipeline.serve.audit import AuditLog
+    from nodule_pipeline.serve.security import TOKEN_ENV, Access, is_loopback, read_token
 
+    token = read_token(os.environ.get(TOKEN_ENV), args.token_file)
+    if token is None and not is_loopback(args.host):
+        raise InputDataError(
+            f"--host {args.host} would open the library (patient identifiers) to the network without a "
+            f"token: set ${TOKEN_ENV} or --token-file, or serve on 127.0.0.1"
+        )
     data_dir = Path(args.data_dir).resolve()
-    print(f"search page: http://{args.host}:{args.port}/  (API: /openapi.json; library {data_dir})", flush=True)
-    uvicorn.run(create_app(data_dir, dagster_url=args.dagster_url), host=args.host, port=args.port, log_level="info")
+    access = Access.for_server(token, args.host, args.allowed_host)
+    audit = AuditLog(data_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signing = "a token is needed" if token else "no token: this computer only"
+    print(f"search page: http://{args.host}:{args.port}/  (API: /openapi.json; {signing}; audit {audit.path})")
+    sys.stdout.flush()
+    try:
+        uvicorn.run(
+            create_app(data_dir, dagster_url=args.dagster_url, access=access, audit=audit),
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            access_log=False,  # the app's own access log leaves query strings and ids out
+            limit_concurrency=SERVE_CONCURRENCY,
+        )
+    finally:
+        audit.close()
     return 0
 
 
@@ -403,8 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="the similar-nodule search page and its JSON API")
     serve.add_argument("--data-dir", default="data")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default %(default)s; another needs a token)"
+    )
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--token-file", help="file holding the token every request needs (default: $NODULE_PIPELINE_SERVE_TOKEN)"
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name the server answers to besides localhost and the bound address (repeatable)",
+    )
     serve.add_argument(
         "--dagster-url",
         default=os.environ.get(DAGSTER_URL_ENV),

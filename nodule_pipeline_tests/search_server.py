@@ -1,7 +1,8 @@
 """``nodule-pipeline serve`` for tests: started on a copy of the real sample's data dir with both
 patients in the index (the ``served_library`` and ``search_page`` fixtures, one server for the
-session), stopped by process id through its own process group (SIGINT, then SIGTERM, then
-SIGKILL) as the Dagster UI of ``dagster_ui`` is; and the index re-materialized on a data dir.
+session; ``guarded``, a second one that asks for a token), stopped by process id through its
+own process group (SIGINT, then SIGTERM, then SIGKILL) as the Dagster UI of ``dagster_ui`` is;
+and the index re-materialized on a data dir.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dagster import AssetKey
 
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.runner import open_instance
+from nodule_pipeline.serve.security import TOKEN_ENV
 from nodule_pipeline_tests.dagster_ui import free_port, start_cli, stop_process_group, wait_until_answering
 
 
@@ -32,10 +34,17 @@ class SearchServer:
     process: subprocess.Popen
     log: Path
 
-    def request(self, path: str, body: bytes | None = None, content_type: str = "application/json"):
+    def request(
+        self,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+        method: str | None = None,
+    ):
         """(status, headers, body bytes) of a GET, or a POST when ``body`` is given."""
-        headers = {"Content-Type": content_type} if body is not None else {}
-        request = urllib.request.Request(self.url + path, data=body, headers=headers)
+        sent = {**({"Content-Type": content_type} if body is not None else {}), **(headers or {})}
+        request = urllib.request.Request(self.url + path, data=body, headers=sent, method=method)
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 return response.status, response.headers, response.read()
@@ -52,10 +61,13 @@ class SearchServer:
 
 
 @contextmanager
-def search_server(data_dir: Path, log: Path, *options: str, timeout: float = 120) -> Iterator[SearchServer]:
-    """``nodule-pipeline serve --data-dir DATA_DIR`` on a free port of 127.0.0.1, until the block ends."""
+def search_server(
+    data_dir: Path, log: Path, *options: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> Iterator[SearchServer]:
+    """``nodule-pipeline serve --data-dir DATA_DIR`` on a free port of 127.0.0.1, until the block
+    ends; ``env`` adds to its environment (the token)."""
     port = free_port()
-    process = start_cli(["serve", "--data-dir", str(data_dir), "--port", str(port), *options], log)
+    process = start_cli(["serve", "--data-dir", str(data_dir), "--port", str(port), *options], log, env)
     server = SearchServer(f"http://127.0.0.1:{port}", process, log)
     try:
         wait_until_answering(process, log, f"{server.url}/openapi.json", "nodule-pipeline serve", timeout)
@@ -108,4 +120,18 @@ def served_library(materialized: Path, tmp_path_factory: pytest.TempPathFactory)
 def search_page(served_library: Path) -> Iterator[SearchServer]:
     """``nodule-pipeline serve`` on :func:`served_library`, linking to a Dagster UI at :data:`DAGSTER_URL`."""
     with search_server(served_library, served_library / "serve.log", "--dagster-url", DAGSTER_URL) as running:
+        yield running
+
+
+TOKEN = "correct-horse-battery-staple-0123"
+"""The token of :func:`guarded`."""
+ALLOWED = "nodules.hospital.example"
+"""The Host name :func:`guarded` answers to besides the loopback names (``--allowed-host``)."""
+
+
+@pytest.fixture(scope="session")
+def guarded(served_library: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchServer]:
+    """A second server on :func:`served_library`, started with :data:`TOKEN` and :data:`ALLOWED`."""
+    log = tmp_path_factory.mktemp("guarded") / "serve.log"
+    with search_server(served_library, log, "--allowed-host", ALLOWED, env={TOKEN_ENV: TOKEN}) as running:
         yield running

@@ -180,7 +180,9 @@ def declare_body(server: SearchServer, path: str, length: int) -> tuple[int, dic
     connection = http.client.HTTPConnection(urllib.parse.urlsplit(server.url).netloc, timeout=60)
     try:
         connection.putrequest("POST", path)
-        connection.putheader("Content-Type", "application/octet-stream")
+        connection.putheader(
+            "Content-Type", "application/json" if path == "/api/search" else "application/octet-stream"
+        )
         connection.putheader("Content-Length", str(length))
         connection.endheaders()
         response = connection.getresponse()

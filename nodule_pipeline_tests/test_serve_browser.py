@@ -15,7 +15,7 @@ from playwright import sync_api
 
 from nodule_pipeline_tests.browser import UI_TIMEOUT_MS
 from nodule_pipeline_tests.dagster_ui import REPO
-from nodule_pipeline_tests.search_server import DAGSTER_URL, SearchServer, series_zip
+from nodule_pipeline_tests.search_server import DAGSTER_URL, TOKEN, SearchServer, series_zip
 from nodule_pipeline_tests.test_serve_api import QUERY
 
 expect = sync_api.expect
@@ -152,3 +152,31 @@ def test_the_page_loads_only_its_own_files(search_page: SearchServer, browser) -
     expect_pictures_shown(page)
     context.close()
     assert asked and all(url.startswith((search_page.url + "/", "data:")) for url in asked), asked
+
+
+def test_a_server_with_a_token_asks_the_page_to_sign_in_once(guarded: SearchServer, browser) -> None:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        page.goto(guarded.url + "/")
+        expect(page.locator("#provenance")).to_have_text("sign in to search the library")
+        token = page.get_by_label("This server asks for its token")
+        token.fill("not the token, twenty chars")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#sign-in-error")).to_have_text("that is not this server's token")
+        token.fill(TOKEN)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#sign-in")).to_be_hidden()
+        expect(page.locator("#nodule-select option")).not_to_have_count(0)
+        assert page.evaluate("document.cookie") == ""  # HttpOnly: no script on the page reads the session
+        search_for(page, QUERY)
+        expect(page.locator("#hits > li").first).to_be_visible()
+        expect_pictures_shown(page)
+        page.screenshot(path=SCREENSHOTS / "06-signed-in.png", full_page=True)
+        page.reload()  # the cookie keeps the page signed in
+        expect(page.locator("#nodule-select option")).not_to_have_count(0)
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.locator("#provenance")).to_have_text("sign in to search the library")
+    finally:
+        context.close()

@@ -3,13 +3,17 @@
 Every query goes through :class:`~nodule_pipeline.hashing.searcher.NoduleSearcher` with the
 checks and messages of ``nodule-pipeline search``; a bad one is a 400 naming what is wrong, a
 body over its limit a 413, and no query stops the server. CPU work (encoding, search, pictures,
-DICOM reading) runs in worker threads, so one slow upload does not hold the others.
+DICOM reading) runs in worker threads, so one slow upload does not hold the others; at most
+:data:`CONCURRENT_SERIES_UPLOADS` series are read at once. Who may ask, and the audit of what
+was asked, are :mod:`~nodule_pipeline.serve.security`'s: handlers only say what they answered
+(``request.state.audit``).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -17,6 +21,7 @@ from typing import IO, Any, TypeVar
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -25,8 +30,10 @@ from starlette.staticfiles import StaticFiles
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.searcher import MODES, NoduleSearcher, UnknownNoduleError, read_query_roi
 from nodule_pipeline.serve import library as describe
+from nodule_pipeline.serve.audit import AuditLog
 from nodule_pipeline.serve.library import Library, LibraryUnavailable
 from nodule_pipeline.serve.openapi import api_description
+from nodule_pipeline.serve.security import SESSION_COOKIE, Access, Guard, ended_session_cookie, session_cookie
 from nodule_pipeline.serve.uploads import SeriesStore, slice_png
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -36,6 +43,8 @@ ROI_FILE_LIMIT = 1 << 20
 """Largest uploaded ROI file (.npy or .png); a 32x32 one takes a few KB."""
 SERIES_ZIP_LIMIT = 1 << 30
 """Largest uploaded DICOM series zip (a thin-slice CT series is a few hundred MB)."""
+CONCURRENT_SERIES_UPLOADS = 2
+"""Series read at once (each takes up to a few GB while read); a third waits for a 503's Retry-After."""
 SEARCH_FIELDS = ("image", "nodule_id", "series_id", "voxel", "position_mm", "k", "mode", "exclude_patient")
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 """The page loads its own files only: nothing from elsewhere, even if an item's text held markup."""
@@ -47,12 +56,20 @@ class BodyTooLarge(Exception):
         super().__init__(f"the request body is larger than {limit:,} bytes")
 
 
-def create_app(data_dir: Path, dagster_url: str | None = None) -> Starlette:
-    """The app for a data dir; ``dagster_url`` (the Dagster UI's address) adds links to the assets."""
+def create_app(
+    data_dir: Path, dagster_url: str | None = None, access: Access | None = None, audit: AuditLog | None = None
+) -> Starlette:
+    """The app for a data dir; ``dagster_url`` (the Dagster UI's address) adds links to the assets.
+    ``access`` says who may ask (default: no token, localhost names only); ``audit`` takes a line
+    per search, upload and nodule view."""
+    access = access or Access()
     app = Starlette(
         routes=[
             Route("/", page),
             Route("/openapi.json", openapi),
+            Route("/api/session", session_info),
+            Route("/api/session", sign_in, methods=["POST"]),
+            Route("/api/session", sign_out, methods=["DELETE"]),
             Route("/api/library", library_info),
             Route("/api/nodules", nodules),
             Route("/api/nodules/{nodule_id}", nodule),
@@ -69,9 +86,12 @@ def create_app(data_dir: Path, dagster_url: str | None = None) -> Starlette:
             LibraryUnavailable: lambda _, error: _error(503, str(error)),
             HTTPException: lambda _, error: _error(error.status_code, error.detail),
         },
+        middleware=[Middleware(Guard, access=access, audit=audit)],
     )
+    app.state.access = access
     app.state.library = Library(data_dir)
-    app.state.uploads = SeriesStore()
+    app.state.uploads = SeriesStore(data_dir / "uploads")
+    app.state.series_slots = threading.BoundedSemaphore(CONCURRENT_SERIES_UPLOADS)
     app.state.dagster_url = dagster_url.rstrip("/") if dagster_url else None
     return app
 
@@ -120,6 +140,63 @@ def _upload_name(request: Request, example: str) -> str:
     return Path(name).name
 
 
+def _audit(request: Request, answer: dict[str, Any]) -> dict[str, Any]:
+    """Tell the audit log what a search asked and found (nodule ids, never the pictures)."""
+    query = answer["query"]
+    asked = {key: query[key] for key in ("nodule_id", "series_id", "voxel", "name") if key in query}
+    request.state.audit = {
+        "asked": asked or query["kind"],
+        "hits": [hit["nodule_id"] for hit in answer["hits"]],
+        "index_version": answer["index_version"],
+        "model_version": answer["model_version"],
+    }
+    return answer
+
+
+async def _json_body(request: Request) -> object:
+    with tempfile.SpooledTemporaryFile() as body:
+        await _receive(request, JSON_LIMIT, body)
+        text = body.read()
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise InputDataError(f"the request body is not JSON ({type(error).__name__}: {error})") from None
+
+
+# --------------------------------------------------------------------------- sign-in
+
+
+async def session_info(request: Request) -> JSONResponse:
+    access: Access = request.app.state.access
+    return JSONResponse({"token_required": access.token is not None, "signed_in": request.state.who is not None})
+
+
+async def sign_in(request: Request) -> JSONResponse:
+    """The page's sign-in: the token once, then an HttpOnly session cookie scripts cannot read."""
+    access: Access = request.app.state.access
+    if access.token is None:
+        raise InputDataError("this server takes no token: it answers on this computer only")
+    payload = await _json_body(request)
+    opened = access.open_session(payload.get("token") if isinstance(payload, dict) else None)
+    if opened is None:
+        request.state.audit = {"asked": "session"}
+        return _error(401, "that is not this server's token")
+    session, who = opened
+    request.state.who = who
+    request.state.audit = {"asked": "session"}
+    answer = JSONResponse({"signed_in": True})
+    answer.headers["set-cookie"] = session_cookie(session, secure=request.url.scheme == "https")
+    return answer
+
+
+async def sign_out(request: Request) -> JSONResponse:
+    access: Access = request.app.state.access
+    access.close_session(request.cookies.get(SESSION_COOKIE))
+    answer = JSONResponse({"signed_in": False})
+    answer.headers["set-cookie"] = ended_session_cookie(secure=request.url.scheme == "https")
+    return answer
+
+
 # --------------------------------------------------------------------------- pages and library
 
 
@@ -148,6 +225,7 @@ async def nodules(request: Request) -> JSONResponse:
 
 async def nodule(request: Request) -> JSONResponse:
     nodule_id = request.path_params["nodule_id"]
+    request.state.audit = {"asked": {"nodule_id": nodule_id}}
     try:
         return JSONResponse(await _with_searcher(request, lambda s: describe.nodule_json(s, nodule_id)))
     except UnknownNoduleError as error:  # a resource that is not there; a search by it is a bad query (400)
@@ -168,15 +246,13 @@ async def nodule_thumbnail(request: Request) -> Response:
 
 async def search(request: Request) -> JSONResponse:
     """A JSON query: an image, a library nodule, or a voxel of an uploaded series."""
-    with tempfile.SpooledTemporaryFile() as body:
-        await _receive(request, JSON_LIMIT, body)
-        text = body.read()
-    try:
-        payload = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InputDataError(f"the request body is not JSON ({error})") from None
+    payload = await _json_body(request)
+    if isinstance(payload, dict):
+        asked = {key: str(payload[key])[:200] for key in ("nodule_id", "series_id") if key in payload}
+        request.state.audit = {"asked": asked or ("image" if "image" in payload else "?")}
     uploads: SeriesStore = request.app.state.uploads
-    return JSONResponse(await _with_searcher(request, lambda s: _search(s, uploads, payload)))
+    answer = await _with_searcher(request, lambda s: _search(s, uploads, payload))
+    return JSONResponse(_audit(request, answer))
 
 
 def _search(searcher: NoduleSearcher, uploads: SeriesStore, payload: object) -> dict[str, Any]:
@@ -214,6 +290,7 @@ def _search(searcher: NoduleSearcher, uploads: SeriesStore, payload: object) -> 
 async def search_upload(request: Request) -> JSONResponse:
     """An uploaded ROI file (.npy in HU or a lung-window .png), read as ``nodule-pipeline search --roi``."""
     name = _upload_name(request, "roi.npy")
+    request.state.audit = {"asked": {"name": name}}
     params = request.query_params
     k, mode = _number(params.get("k"), 10), params.get("mode", "hierarchical")
     exclude = params.get("exclude_patient")
@@ -227,7 +304,7 @@ async def search_upload(request: Request) -> JSONResponse:
             response = searcher.search_roi(image, k, mode, exclude_patient=exclude, source=name)
             return describe.response_json(searcher, response, {"kind": "upload", "name": name})
 
-        return JSONResponse(await _with_searcher(request, work))
+        return JSONResponse(_audit(request, await _with_searcher(request, work)))
 
 
 # --------------------------------------------------------------------------- uploaded DICOM series
@@ -236,10 +313,19 @@ async def search_upload(request: Request) -> JSONResponse:
 async def series_upload(request: Request) -> JSONResponse:
     """A zip of one DICOM series, read and kept for clicking a nodule on."""
     name = _upload_name(request, "series.zip")
+    request.state.audit = {"asked": {"name": name}}
     uploads: SeriesStore = request.app.state.uploads
-    with tempfile.TemporaryFile() as file:
-        await _receive(request, SERIES_ZIP_LIMIT, file)
-        series_id, uploaded = await run_in_threadpool(uploads.add, file, name)
+    slots: threading.BoundedSemaphore = request.app.state.series_slots
+    if not slots.acquire(blocking=False):
+        busy = f"{CONCURRENT_SERIES_UPLOADS} series are being read; send this one again in a few seconds"
+        return JSONResponse({"error": busy}, status_code=503, headers={"Retry-After": "5"})
+    try:
+        with tempfile.TemporaryFile() as file:
+            await _receive(request, SERIES_ZIP_LIMIT, file)
+            series_id, uploaded = await run_in_threadpool(uploads.add, file, name)
+    finally:
+        slots.release()
+    request.state.audit = {"asked": {"name": name, "series_id": series_id}}
     return JSONResponse(uploaded.describe(series_id))
 
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 PROVENANCE_COLUMNS = ("annotation_id", "reader", "series_uid", "center_i", "center_j", "center_k", "diameter_mm")
 """Item columns a nodule's JSON names besides its ratings, where the index has them."""
+SHOWN_LINEAGE = ("data_version", "database", "model_measured")
+"""What the library tells of its lineage; the patient list stays in Dagster, behind its own access."""
 _UNSEEN = object()
 
 
@@ -74,8 +76,11 @@ class Library:
             searcher = NoduleSearcher.from_data_dir(self.data_dir)
             prepare_search(searcher.index)  # the search layout now, not in the first user's request
         except (InputDataError, IndexFormatError, OSError, ValueError) as error:
-            self._problem = f"the hash index cannot be loaded: {error}"
-            log.warning("%s%s", self._problem, "; the index loaded before keeps answering" if self._searcher else "")
+            log.warning("the hash index under %s cannot be loaded: %s", self.data_dir, error)
+            # the answer names the problem, not where the server keeps its files
+            self._problem = "the hash index cannot be loaded: " + str(error).replace(str(self.data_dir), "<data-dir>")
+            if self._searcher:
+                log.warning("the index loaded before keeps answering")
         else:
             previous = self._searcher.index.index_version if self._searcher else None
             self._searcher = searcher
@@ -96,7 +101,7 @@ def summary(searcher: NoduleSearcher) -> dict[str, Any]:
         "patients": int(index.items["patient_id"].nunique()),
         "bits": index.bits,
         "label_counts": {str(label): int(count) for label, count in zip(*np.unique(index.labels, return_counts=True))},
-        "lineage": index.lineage,
+        "lineage": {key: index.lineage[key] for key in SHOWN_LINEAGE if key in index.lineage},
     }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from nodule_pipeline.hashing.search import MODES
+from nodule_pipeline.hashing.searcher import MAX_K
+from nodule_pipeline.serve.security import CONTENT_TYPES, SESSION_COOKIE, TOKEN_ENV
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -20,14 +22,16 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     meaning = {
         400: "bad input, with the message `nodule-pipeline search` gives for it",
+        401: "no token: sign in first (the server was started with a token)",
         404: "no such nodule (or route)",
         413: "the body is over its limit",
-        503: "no hash index to search yet",
+        415: "the body's content type is not one the endpoint takes",
+        503: "no hash index to search yet (or, for a series, two uploads already being read)",
     }
     return {str(status): _json(_ERROR, meaning[status]) for status in statuses}
 
 
-_K = {"type": "integer", "minimum": 1, "default": 10, "description": "how many hits"}
+_K = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10, "description": "how many hits"}
 _MODE = {"type": "string", "enum": list(MODES), "default": "hierarchical", "description": "search stages"}
 _SEARCH_RESPONSES = {"200": _json({"$ref": "#/components/schemas/SearchResponse"}, "the hits, best first")}
 _PNG = {"200": {"description": "a PNG picture", "content": {"image/png": {}}}}
@@ -38,11 +42,11 @@ def _query(name: str, schema: dict[str, Any], description: str, required: bool =
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
 
 
-def _upload(description: str, limit: int) -> dict[str, Any]:
+def _upload(description: str, limit: int, path: str) -> dict[str, Any]:
     return {
         "required": True,
         "description": f"{description} (at most {limit:,} bytes), sent as the raw body",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in CONTENT_TYPES[path]},
     }
 
 
@@ -74,7 +78,7 @@ HIT = {
         {"$ref": "#/components/schemas/Item"},
         {
             "type": "object",
-            "description": "the search-result contract of DESIGN.md section 6, and class_fallback",
+            "description": "one search result: the library item, its distances and the index it came from",
             "properties": {
                 "rank": {"type": "integer", "minimum": 1},
                 "hamming": {"type": "integer"},
@@ -98,13 +102,43 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
         "info": {
             "title": "nodule_pipeline search",
             "version": "1",
-            "description": "Similar lung nodules from the hash index (deep hashing after Hao et al. 2022).",
+            "description": (
+                "Similar lung nodules from the hash index (deep hashing after Hao et al. 2022). When the "
+                f"server has a token (${TOKEN_ENV}), every /api/ request but /api/session needs it, as "
+                f"'Authorization: Bearer <token>' or the {SESSION_COOKIE} cookie of POST /api/session."
+            ),
         },
         "paths": {
+            "/api/session": {
+                "get": {
+                    "summary": "whether this server asks for a token, and whether this request is signed in",
+                    "responses": {"200": _json({"type": "object"}, "token_required and signed_in")},
+                },
+                "post": {
+                    "summary": "sign in with the token: sets an HttpOnly, SameSite=Strict session cookie",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"token": {"type": "string"}},
+                                    "required": ["token"],
+                                }
+                            }
+                        },
+                    },
+                    "responses": {"200": _json({"type": "object"}, "signed in"), **_errors(400, 401, 415)},
+                },
+                "delete": {
+                    "summary": "sign out: ends the session and clears its cookie",
+                    "responses": {"200": _json({"type": "object"}, "signed out")},
+                },
+            },
             "/api/library": {
                 "get": {
                     "summary": "the index and model being searched, with links to them in the Dagster UI",
-                    "responses": {"200": _json({"type": "object"}, "versions, counts, lineage"), **_errors(503)},
+                    "responses": {"200": _json({"type": "object"}, "versions, counts, lineage"), **_errors(401, 503)},
                 }
             },
             "/api/nodules": {
@@ -145,7 +179,7 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                         "description": f"at most {json_limit:,} bytes",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}}},
                     },
-                    "responses": {**_SEARCH_RESPONSES, **_errors(400, 413, 503)},
+                    "responses": {**_SEARCH_RESPONSES, **_errors(400, 401, 413, 415, 503)},
                 }
             },
             "/api/search/upload": {
@@ -160,9 +194,11 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                         _query("exclude_patient", {"type": "string"}, "leave this patient's nodules out"),
                     ],
                     "requestBody": _upload(
-                        "a 32x32 ROI: .npy in HU, or an 8-bit grey .png in the lung window", roi_limit
+                        "a 32x32 ROI: .npy in HU, or an 8-bit grey .png in the lung window",
+                        roi_limit,
+                        "/api/search/upload",
                     ),
-                    "responses": {**_SEARCH_RESPONSES, **_errors(400, 413, 503)},
+                    "responses": {**_SEARCH_RESPONSES, **_errors(400, 401, 413, 415, 503)},
                 }
             },
             "/api/series": {
@@ -170,11 +206,11 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                     "summary": "upload a zip of one CT series (DICOM) to query voxels of",
                     "parameters": [_query("filename", {"type": "string"}, "the zip's name", True)],
                     "requestBody": _upload(
-                        "a zip of the series' .dcm files (the LIDC XML may be beside them)", series_limit
+                        "a zip of the series' .dcm files (the LIDC XML may be beside them)", series_limit, "/api/series"
                     ),
                     "responses": {
                         "200": _json({"$ref": "#/components/schemas/Series"}, "the series id and shape"),
-                        **_errors(400, 413),
+                        **_errors(400, 401, 413, 415, 503),
                     },
                 }
             },
@@ -194,6 +230,10 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
             },
         },
         "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": f"the server's token (${TOKEN_ENV})"},
+                "session": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE},
+            },
             "schemas": {
                 "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
                 "Item": ITEM,
@@ -254,6 +294,6 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                         "spacing_mm": {"type": "array", "items": {"type": "number"}},
                     },
                 },
-            }
+            },
         },
     }

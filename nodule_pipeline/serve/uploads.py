@@ -1,7 +1,8 @@
 """DICOM series that people upload (a zip) to click a nodule on: unpacked safely, read with the
 pipeline's own series reader, and kept in memory for a few queries.
 
-The zip's files are unpacked into a temporary folder, read by
+The zip's files are unpacked into a temporary folder (under the data dir's ``uploads/``, named
+by the server's process id, so that a killed server's leftovers are removed at the next start), read by
 :func:`~nodule_pipeline.lidc.series.load_series` (every validation of ingestion), and deleted
 again; the volume stays in memory (a few hundred MB at most) with its lung mask, segmented once
 so that each click is a quick query. The newest few series are kept; older ones are dropped.
@@ -10,8 +11,10 @@ so that each click is a quick query. The newest few series are kept; older ones 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import secrets
+import shutil
 import stat
 import tempfile
 import threading
@@ -59,13 +62,18 @@ class UploadedSeries:
 class SeriesStore:
     """The last :data:`KEPT_SERIES` uploaded series, by a random id."""
 
-    def __init__(self, kept: int = KEPT_SERIES):
+    def __init__(self, scratch: Path | None = None, kept: int = KEPT_SERIES):
         self.kept = kept
+        self.scratch = scratch
+        if scratch is not None:
+            scratch.mkdir(parents=True, exist_ok=True)
+            scratch.chmod(0o700)  # patients' scans pass through it
+            remove_dead_uploads(scratch)
         self._series: OrderedDict[str, UploadedSeries] = OrderedDict()
         self._lock = threading.Lock()
 
     def add(self, file: BinaryIO, name: str) -> tuple[str, UploadedSeries]:
-        series = read_series_zip(file, name)
+        series = read_series_zip(file, name, self.scratch)
         uploaded = UploadedSeries(series, segment_lungs(series.hu, series.spacing_mm))
         series_id = secrets.token_hex(8)
         with self._lock:
@@ -84,14 +92,37 @@ class SeriesStore:
         return uploaded
 
 
-def read_series_zip(file: BinaryIO, name: str) -> CtSeries:
+def remove_dead_uploads(scratch: Path) -> list[Path]:
+    """Delete the unpack folders of server processes that are gone (killed mid-upload: their
+    ``TemporaryDirectory`` never cleaned up); a live server's folders are left alone."""
+    removed = []
+    for folder in scratch.iterdir():
+        pid = folder.name.partition("-")[0]
+        if folder.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def read_series_zip(file: BinaryIO, name: str, scratch: Path | None = None) -> CtSeries:
     """The one CT series in a zip of DICOM files (any folder layout; the LIDC XML beside the
-    slices is read too). Errors name the file inside the zip, never the temporary folder."""
+    slices is read too), unpacked under ``scratch`` (default: the system's temporary folder).
+    Errors name the file inside the zip, never the temporary folder."""
     try:
         archive = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
         raise InputDataError(f"not a readable zip archive ({error})", path=name) from None
-    with archive, tempfile.TemporaryDirectory(prefix="nodule-upload-") as tmp:
+    with archive, tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-upload-", dir=scratch) as tmp:
         root = Path(tmp)
         try:
             unpacked = _unpack(archive, root, name)

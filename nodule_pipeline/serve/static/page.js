@@ -14,8 +14,46 @@ let series = null; // the uploaded DICOM series being viewed
 async function api(url, options = {}) {
   const response = await fetch(url, options);
   const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
+  if (response.status === 401) showSignIn(true);
   if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
   return body;
+}
+
+// The body's type, said explicitly: the server takes only its declared types (a .npy file has none).
+const UPLOAD_TYPES = { png: "image/png", zip: "application/zip" };
+
+function uploadOptions(file) {
+  const extension = file.name.split(".").pop().toLowerCase();
+  return { method: "POST", body: file, headers: { "Content-Type": UPLOAD_TYPES[extension] || "application/octet-stream" } };
+}
+
+// --- signing in, when the server was started with a token
+
+function showSignIn(visible) {
+  $("sign-in").hidden = !visible;
+  if (visible) $("token").focus();
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  $("sign-in-error").textContent = "";
+  try {
+    await api("/api/session", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ token: $("token").value }),
+    });
+    $("token").value = "";
+    showSignIn(false);
+    loadLibrary();
+  } catch (error) {
+    $("sign-in-error").textContent = error.message;
+  }
+}
+
+async function signOut() {
+  await api("/api/session", { method: "DELETE" });
+  location.reload();
 }
 
 function element(tag, className, text) {
@@ -36,6 +74,13 @@ function number(value, digits) {
 
 async function loadLibrary() {
   try {
+    const session = await api("/api/session");
+    $("sign-out").hidden = !(session.token_required && session.signed_in);
+    if (session.token_required && !session.signed_in) {
+      $("provenance").textContent = "sign in to search the library";
+      showSignIn(true);
+      return;
+    }
     const library = await api("/api/library");
     const line = $("provenance");
     line.textContent =
@@ -171,7 +216,7 @@ async function uploadSeries(file) {
   showError("");
   $("busy").hidden = false;
   try {
-    series = await api(`/api/series?${new URLSearchParams({ filename: file.name })}`, { method: "POST", body: file });
+    series = await api(`/api/series?${new URLSearchParams({ filename: file.name })}`, uploadOptions(file));
     $("slice").max = series.slices - 1;
     $("slice").value = Math.floor(series.slices / 2);
     $("viewer").hidden = false;
@@ -212,7 +257,7 @@ function bind() {
     const file = event.target.files[0];
     if (!file) return;
     const query = new URLSearchParams({ filename: file.name, ...options() });
-    search(() => api(`/api/search/upload?${query}`, { method: "POST", body: file }));
+    search(() => api(`/api/search/upload?${query}`, uploadOptions(file)));
   });
   $("series-file").addEventListener("change", (event) => {
     if (event.target.files[0]) uploadSeries(event.target.files[0]);
@@ -225,6 +270,8 @@ function bind() {
     });
   }
   $("slice-image").addEventListener("click", clickNodule);
+  $("sign-in").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", signOut);
 }
 
 bind();
