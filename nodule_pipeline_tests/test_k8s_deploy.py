@@ -111,3 +111,52 @@ def test_without_cluster_settings_the_gpu_taint_is_tolerated(monkeypatch: pytest
     config = concurrency.gpu_pod_config()
     assert config["pod_spec_config"] == {"tolerations": concurrency.DEFAULT_GPU_TOLERATIONS}
     get_user_defined_k8s_config({concurrency.K8S_CONFIG_TAG: json.dumps(config)})
+
+
+SEARCH_SERVER = list(yaml.safe_load_all((DEPLOY / "k8s" / "search-server.yaml").read_text()))
+
+
+def _as_kubernetes(document: dict) -> object:
+    """A manifest read into the Kubernetes client's own model of its kind (its field names and
+    types; an unknown or misspelt field does not survive the round trip)."""
+    from kubernetes.client import ApiClient
+
+    model = ApiClient()._ApiClient__deserialize(document, f"V1{document['kind']}")  # noqa: SLF001
+    return ApiClient().sanitize_for_serialization(model)
+
+
+def test_the_search_server_manifests_are_kubernetes_objects() -> None:
+    kinds = [document["kind"] for document in SEARCH_SERVER]
+    assert kinds == ["Deployment", "Service"]
+    for document in SEARCH_SERVER:
+        assert _as_kubernetes(document) == document, f"{document['kind']}: a field Kubernetes does not know"
+
+
+def test_the_search_server_is_not_exposed_without_its_token() -> None:
+    """It binds the pod's addresses (which the server refuses without a token), the token is a
+    file from a Secret, the Service stays inside the cluster, and the probes send an allowed Host."""
+    from nodule_pipeline.cli import build_parser
+    from nodule_pipeline.serve.security import TOKEN_ENV, Access
+
+    deployment, service = SEARCH_SERVER
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    arguments = build_parser().parse_args(container["args"][1:])
+    assert container["args"][0] == "nodule-pipeline" and arguments.command == "serve"
+    assert arguments.host == "0.0.0.0" and arguments.token_file
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    token_volume = next(name for name, mount in mounts.items() if arguments.token_file.startswith(mount["mountPath"]))
+    assert mounts[token_volume]["readOnly"] is True
+    assert volumes[token_volume]["secret"]["secretName"] == "nodule-search-token"
+    assert all(TOKEN_ENV not in item["name"] for item in container.get("env", []))
+    assert volumes["nodule-data"] == USER_CODE["volumes"][0]  # the pipeline's shared claim
+    assert arguments.data_dir == CODE_ENV["NODULE_PIPELINE_DATA_DIR"]
+    access = Access.for_server("x" * 32, arguments.host, arguments.allowed_host)
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        host = {header["name"]: header["value"] for header in get["httpHeaders"]}["Host"]
+        assert access.host_allowed(host) and get["path"] == "/openapi.json"
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
