@@ -121,7 +121,7 @@ def _as_kubernetes(document: dict) -> object:
     types; an unknown or misspelt field does not survive the round trip)."""
     from kubernetes.client import ApiClient
 
-    model = ApiClient()._ApiClient__deserialize(document, f"V1{document['kind']}")  # noqa: SLF001
+    model = ApiClient()._ApiClient__deserialize(document, f"V1{document['kind']}")
     return ApiClient().sanitize_for_serialization(model)
 
 

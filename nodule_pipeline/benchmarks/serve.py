@@ -3,8 +3,9 @@
 Builds a data dir holding a network with its initial (untrained) weights, saved as the model
 (encoding a ROI costs the same whatever the weights), and an index of ``items`` items built with
 it: random 256-bit codes, float16 ``fc`` features, int16 ROIs, ids and the nine reader ratings,
-about three nodules a patient. Starts ``nodule-pipeline serve`` on it in its own process and
-times requests from this one over one keep-alive connection, taking turns:
+about three nodules a patient. Starts ``nodule-pipeline serve`` on it in its own process, with a
+token as a department would run it (each request sends it as a Bearer header, and is audited),
+and times requests from this one over one keep-alive connection, taking turns:
 
 - a library-nodule query (``{"nodule_id": ...}``: its ROI encoded, hierarchical search with its
   own patient left out, 10 hits as JSON with ratings, the query picture);
@@ -22,6 +23,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -121,12 +124,21 @@ def _served(data_dir: Path) -> Iterator[tuple[Callable[[bytes], None], float]]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    from nodule_pipeline.serve.security import TOKEN_ENV
+
     command = [sys.executable, "-m", "nodule_pipeline.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
+    token = secrets.token_urlsafe(32)
     started = time.perf_counter()
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, TOKEN_ENV: token},
+    )
     try:
         connection = _connect(port, server)
-        post = _poster(connection)
+        post = _poster(connection, token)
         post(json.dumps({"image": [-700.0] * 1024}).encode())  # the server loads the index on its first request
         yield post, time.perf_counter() - started
         connection.close()
@@ -153,9 +165,11 @@ def _connect(port: int, server: subprocess.Popen, timeout: float = 120) -> http.
     raise TimeoutError(f"the server did not listen on port {port} in {timeout:.0f} s")
 
 
-def _poster(connection: http.client.HTTPConnection) -> Callable[[bytes], None]:
+def _poster(connection: http.client.HTTPConnection, token: str) -> Callable[[bytes], None]:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+
     def post(body: bytes) -> None:
-        connection.request("POST", "/api/search", body, {"Content-Type": "application/json"})
+        connection.request("POST", "/api/search", body, headers)
         response = connection.getresponse()
         answer = response.read()
         if response.status != 200:
