@@ -264,12 +264,17 @@ def test_zip_members_that_leave_their_folder_are_refused_by_name(search_page: Se
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")  # the attack itself
-def test_links_and_duplicate_members_are_refused(search_page: SearchServer) -> None:
+def test_links_duplicates_and_unwritable_members_are_refused(search_page: SearchServer) -> None:
     status, answer = upload(search_page, "/api/series", "link.zip", evil_zip("series/1.dcm", link=True))
     assert status == 400 and answer["error"] == "link.zip: zip member 'series/1.dcm' refused: it is a link"
     status, answer = upload(search_page, "/api/series", "twice.zip", evil_zip("series/1.dcm", twice=True))
     assert status == 400
     assert answer["error"] == "twice.zip: zip member 'series/1.dcm' refused: another member has the same name"
+    long_name = "series/" + "a" * 300 + ".dcm"  # longer than a file name may be: an OSError, answered 400
+    status, answer = upload(search_page, "/api/series", "long.zip", evil_zip(long_name))
+    assert (
+        status == 400 and answer["error"] == f"long.zip: zip member {long_name!r}: cannot unpack (File name too long)"
+    )
 
 
 def test_a_zip_of_a_whole_patient_folder_uses_its_ct_and_leaves_the_radiograph(
