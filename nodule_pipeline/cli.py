@@ -168,11 +168,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     voxel = _triple(args.at, "--at") if args.at is not None else None
     position = _triple(args.at_mm, "--at-mm") if args.at_mm is not None else None
     searcher = NoduleSearcher.from_data_dir(Path(args.data_dir))
-    options = {"k": args.k, "mode": args.mode, "exclude_patient": args.exclude_patient}
+    unit = "annotation" if args.per_annotation else "nodule"
+    options = {"k": args.k, "mode": args.mode, "exclude_patient": args.exclude_patient, "unit": unit}
     if query is not None:
         response = searcher.search_roi(query, source=args.roi, **options)
     elif args.nodule is not None:
-        response = searcher.search_nodule(args.nodule, k=args.k, mode=args.mode)
+        response = searcher.search_nodule(args.nodule, k=args.k, mode=args.mode, unit=unit)
     else:
         response = searcher.search_dicom(Path(args.dicom), voxel=voxel, position_mm=position, **options)
     hits = response.hits
@@ -191,7 +192,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         except OSError as error:
             raise InputDataError(f"cannot write the picture ({error.strerror or error})", path=args.picture) from None
     if args.json:
-        print(json.dumps([hit.to_json() for hit in hits], indent=2))
+        readers = (
+            {} if unit == "annotation" else {hit.nodule_id: len(searcher.nodule_rows(hit.nodule_id)) for hit in hits}
+        )
+        print(
+            json.dumps(
+                [hit.to_json() | ({"readers": readers[hit.nodule_id]} if readers else {}) for hit in hits], indent=2
+            )
+        )
     else:
         print(response.as_text(searcher.index.index_version))
         if args.picture:
@@ -392,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--k", type=int, default=10)
     search.add_argument("--mode", choices=["hierarchical", "hamming", "rerank"], default="hierarchical")
     search.add_argument("--exclude-patient", help="leave this patient's nodules out of the results")
+    search.add_argument(
+        "--per-annotation",
+        action="store_true",
+        help="one hit per reader annotation, as the paper counts (default: one hit per nodule)",
+    )
     search.add_argument("--json", action="store_true", help="print the results as JSON")
     search.add_argument("--picture", help="write the query beside its results to this PNG")
     search.set_defaults(func=cmd_search)

@@ -23,7 +23,7 @@ from nodule_pipeline.hashing.evaluation import (
 )
 from nodule_pipeline.hashing.index import build_index
 from nodule_pipeline.hashing.network import NetworkConfig
-from nodule_pipeline.hashing.report import NO_READER_AGREEMENT, write_report
+from nodule_pipeline.hashing.report import NO_READER_AGREEMENT, render_markdown, write_report
 from nodule_pipeline.hashing.search import rank_by_hamming, stable_keys
 from nodule_pipeline.hashing.searcher import NoduleSearcher
 from nodule_pipeline.hashing.training import TrainConfig, classification_metrics, encode, train_hash_model
@@ -153,6 +153,8 @@ def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:
     assert headline["accuracy"] == card_accuracy["accuracy"] == headline["accuracy_as_searched"]
     assert set(headline["modes"]) == {"hamming", "rerank", "hierarchical"}
     assert headline["code_health"]["items"] == len(index)
+    assert headline["unit"] == "nodule" and headline["n_database_nodules"] == index.items["nodule_id"].nunique()
+    assert "each hit a distinct nodule" in render_markdown(evaluation.report)
     # the rankings are the searcher's, query by query
     for q in (0, len(test) - 1):
         hits = deployed.searcher.search_roi(roi_images(test)[q], k=10, exclude_patient=test["patient_id"].iloc[q]).hits

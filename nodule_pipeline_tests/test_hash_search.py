@@ -23,8 +23,12 @@ from nodule_pipeline.hashing.index import (
 from nodule_pipeline.hashing.network import HashNet, NetworkConfig, NormalisationStats
 from nodule_pipeline.hashing.search import (
     JSON_KEYS,
+    fold_batch,
+    fold_hits,
     hamming_distances,
     hamming_distances_batch,
+    nodule_of_rows,
+    rows_for_nodules,
     search,
     search_batch,
 )
@@ -504,3 +508,61 @@ def test_the_pool_holds_every_row_tied_at_its_boundary() -> None:
     index = build_index(codes, fc, np.zeros(n, int), _items(n, rng), model_version="m")
     hits = search(index, pack_codes(np.zeros((1, bits), bool))[0], np.zeros(2), 0, k=2, mode="rerank")
     assert [h.row for h in hits] == [30, 0]
+
+
+def _annotated_index(rng: np.random.Generator, n: int, bits: int) -> tuple[HashIndex, np.ndarray]:
+    """A tied index whose nodules have 1 to 5 reader annotations each (rows of one nodule share
+    its patient), as a library of reader annotations has."""
+    index, codes = _tied_index(rng, n, bits)
+    items = index.items.copy()
+    readers = rng.integers(1, 6, n)
+    nodule = np.repeat(np.arange(n), readers)[:n]
+    items["nodule_id"] = [f"N{i:04d}" for i in nodule]
+    items["patient_id"] = [f"LIDC-IDRI-{i % 60:04d}" for i in nodule]
+    return build_index(codes, index.fc, index.labels, items, model_version="m1"), codes
+
+
+@pytest.mark.parametrize("mode", ["hierarchical", "rerank", "hamming"])
+def test_nodule_hits_are_the_first_place_of_each_nodule_in_the_whole_ranking(mode: str, small_chunks: None) -> None:
+    """A nodule stands where its best annotation ranks among the k x (most annotations) rows asked
+    for; in Hamming order (a ranking that does not depend on k) that is exactly the first k nodules
+    of the whole ranking. (The Euclidean rerank reorders a pool that grows with the rows asked for,
+    so there the nodule search reranks a larger pool than an annotation search of k.) The batch
+    fold agrees, and row order does not matter."""
+    rng = np.random.default_rng(31)
+    index, codes = _annotated_index(rng, n=900, bits=32)
+    nodules = nodule_of_rows(index)
+    assert np.bincount(nodules).max() == 5
+    order = rng.permutation(len(index))
+    permuted = build_index(
+        codes[order], index.fc[order], index.labels[order], index.items.iloc[order].reset_index(drop=True), "m1"
+    )
+    queries = rng.integers(0, len(index), 12)
+    q_code, q_fc, q_class = pack_codes(codes[queries]), np.asarray(index.fc[queries]), index.labels[queries]
+    for k in (1, 7, 40):
+        batch = fold_batch(
+            search_batch(index, q_code, q_fc, q_class, k=rows_for_nodules(nodules, k), mode=mode), nodules, k
+        )
+        for i in range(len(queries)):
+            asked = search(index, q_code[i], q_fc[i], int(q_class[i]), k=rows_for_nodules(nodules, k), mode=mode)
+            expected = list(dict.fromkeys(hit.nodule_id for hit in asked))[:k]
+            assert len(expected) == min(k, len(set(index.items["nodule_id"])))  # the rows asked hold k nodules
+            if mode == "hamming":
+                whole = search(index, q_code[i], q_fc[i], int(q_class[i]), k=len(index), mode=mode)
+                assert expected == list(dict.fromkeys(hit.nodule_id for hit in whole))[:k]
+            folded = fold_hits(asked, nodules, k)
+            assert [hit.nodule_id for hit in folded] == expected
+            assert [hit.rank for hit in folded] == list(range(1, len(expected) + 1))
+            best = {hit.nodule_id: hit.row for hit in reversed(asked)}
+            assert [hit.row for hit in folded] == [best[nodule] for nodule in expected]
+            assert batch.rows[i, : len(folded)].tolist() == [hit.row for hit in folded]
+            assert (batch.rows[i, len(folded) :] == -1).all()
+            other = search(
+                permuted,
+                q_code[i],
+                q_fc[i],
+                int(q_class[i]),
+                k=rows_for_nodules(nodule_of_rows(permuted), k),
+                mode=mode,
+            )
+            assert [hit.nodule_id for hit in fold_hits(other, nodule_of_rows(permuted), k)] == expected

@@ -98,9 +98,25 @@ def test_cli_json_and_picture(materialized: Path, tmp_path: Path, capsys: pytest
     )
     assert code == 0
     hits = json.loads(capsys.readouterr().out)
-    assert 1 <= len(hits) <= 3 and set(hits[0]) == JSON_KEYS
+    assert len(hits) == 3 and all(set(hit) == JSON_KEYS | {"readers"} for hit in hits)
     assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
+    assert len({h["nodule_id"] for h in hits}) == 3  # one hit per nodule
+    assert [h["readers"] for h in hits] == [len(searcher.nodule_rows(h["nodule_id"])) for h in hits]
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    common = ["search", "--roi", str(query), "--data-dir", str(materialized), "--json", "--k", "14", "--mode", "rerank"]
+    assert main([*common, "--per-annotation"]) == 0
+    annotations = json.loads(capsys.readouterr().out)
+    assert len(annotations) == len(searcher.index) and set(annotations[0]) == JSON_KEYS  # the paper's unit
+    assert main(common) == 0
+    nodules = json.loads(capsys.readouterr().out)
+    # the same ranking, each nodule where its best annotation stands
+    first_places = list(dict.fromkeys(hit["nodule_id"] for hit in annotations))
+    assert [hit["nodule_id"] for hit in nodules] == first_places == sorted(set(first_places), key=first_places.index)
+    assert len(nodules) == searcher.index.items["nodule_id"].nunique()
+    best = {hit["nodule_id"]: hit for hit in reversed(annotations)}
+    assert [(h["hamming"], h["euclidean"]) for h in nodules] == [
+        (best[h["nodule_id"]]["hamming"], best[h["nodule_id"]]["euclidean"]) for h in nodules
+    ]
     assert main(["search", "--roi", str(query), "--data-dir", str(materialized), "--mode", "hamming"]) == 0
     table = capsys.readouterr().out
     assert "rank" in table and searcher.index.items.iloc[0]["patient_id"] in table
@@ -393,8 +409,12 @@ def test_bad_dicom_queries_from_the_api(searcher: NoduleSearcher, series_folder:
     for too_many in (MAX_K + 1, 10**9, 10**30):
         with pytest.raises(InputDataError, match=f"k must be a whole number from 1 to 1,000, got {too_many}"):
             searcher.search_roi(np.zeros((32, 32)), k=too_many)
-    everything = searcher.search_roi(np.zeros((32, 32)), k=MAX_K, mode="hamming")
+    everything = searcher.search_roi(np.zeros((32, 32)), k=MAX_K, mode="hamming", unit="annotation")
     assert len(everything.hits) == len(searcher.index) < MAX_K  # a k beyond the library answers all it holds
+    nodules = searcher.search_roi(np.zeros((32, 32)), k=MAX_K, mode="hamming")
+    assert len(nodules.hits) == searcher.index.items["nodule_id"].nunique()  # all it holds, one hit a nodule
+    with pytest.raises(InputDataError, match="unknown unit 'reader'; a hit is one of nodule, annotation"):
+        searcher.search_roi(np.zeros((32, 32)), unit="reader")
 
 
 CLI_BAD_POSITIONS = {

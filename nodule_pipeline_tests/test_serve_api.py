@@ -58,16 +58,33 @@ def test_library_names_the_index_the_model_and_their_assets(
 
 
 def test_search_by_library_nodule_leaves_its_patient_out(search_page: SearchServer, searcher: NoduleSearcher) -> None:
-    status, answer = search_page.post_json("/api/search", {"nodule_id": QUERY, "k": 5})
+    status, answer = search_page.post_json("/api/search", {"nodule_id": QUERY, "k": 5, "mode": "rerank"})
     assert status == 200
     assert (answer["index_version"], answer["model_version"]) == (searcher.index.index_version, searcher.model_version)
     assert answer["query"]["nodule_id"] == QUERY and answer["query"]["patient_id"] == "LIDC-IDRI-0001"
-    expected = searcher.search_nodule(QUERY, k=5).hits
+    expected = searcher.search_nodule(QUERY, k=5, mode="rerank").hits
     assert [hit["nodule_id"] for hit in answer["hits"]] == [hit.nodule_id for hit in expected]
-    assert len(answer["hits"]) == 5 and {hit["patient_id"] for hit in answer["hits"]} == {"LIDC-IDRI-0003"}
+    # patient 0003's four nodules, once each: a nodule's readers are folded into one hit
+    assert answer["unit"] == "nodule" and len(answer["hits"]) == 4
+    assert sorted(hit["nodule_id"] for hit in answer["hits"]) == [f"LIDC-IDRI-0003-N0{i}" for i in range(1, 5)]
     for hit in answer["hits"]:
-        assert JSON_KEYS <= set(hit) and hit["class_fallback"] is False
+        assert JSON_KEYS <= set(hit) and hit["class_fallback"] is False and hit["unit"] == "nodule"
         assert set(hit["characteristics"]) == set(CHARACTERISTICS)
+        readers = hit["readers"]
+        rows = searcher.nodule_rows(hit["nodule_id"])
+        assert [reader["annotation_id"] for reader in readers] == [
+            searcher.index.items["annotation_id"].iloc[row] for row in rows
+        ]
+        (matched,) = [reader for reader in readers if reader["matched"]]
+        assert matched["annotation_id"] == hit["annotation_id"] and matched["malignancy"] == hit["malignancy"]
+    status, per_annotation = search_page.post_json(
+        "/api/search", {"nodule_id": QUERY, "k": 5, "mode": "rerank", "unit": "annotation"}
+    )
+    assert per_annotation["unit"] == "annotation" and len(per_annotation["hits"]) == 5
+    assert all("readers" not in hit for hit in per_annotation["hits"])
+    ranked = list(dict.fromkeys(hit["nodule_id"] for hit in per_annotation["hits"]))
+    assert [hit["nodule_id"] for hit in answer["hits"]][: len(ranked)] == ranked
+    for hit in answer["hits"]:
         status, headers, png = search_page.request(hit["thumbnail_url"])
         assert status == 200 and headers["Content-Type"] == "image/png"
         assert Image.open(io.BytesIO(png)).size == (128, 128)
@@ -90,7 +107,11 @@ def test_search_by_image_and_by_file_answer_as_the_cli(
     np.save(roi, image)
     argv = ["search", "--roi", str(roi), "--data-dir", str(served_library), "--k", "4", "--mode", "rerank", "--json"]
     assert main(argv) == 0
-    assert [{key: hit[key] for key in JSON_KEYS} for hit in answer["hits"]] == json.loads(capsys.readouterr().out)
+    printed = json.loads(capsys.readouterr().out)
+    assert [{key: hit[key] for key in JSON_KEYS} for hit in answer["hits"]] == [
+        {key: hit[key] for key in JSON_KEYS} for hit in printed
+    ]
+    assert [len(hit["readers"]) for hit in answer["hits"]] == [hit["readers"] for hit in printed]
     status, uploaded = upload(search_page, "/api/search/upload", "roi.npy", roi.read_bytes(), k=4, mode="rerank")
     assert status == 200 and uploaded["query"]["name"] == "roi.npy"
     assert uploaded["hits"] == answer["hits"]

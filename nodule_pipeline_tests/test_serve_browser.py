@@ -67,7 +67,7 @@ def test_pick_a_nodule_and_see_its_matches(page, search_page: SearchServer) -> N
     for card, hit in zip(cards.all(), answer["hits"]):
         label = "malignant" if hit["label"] else "benign"
         expect(card.locator(".badge")).to_have_text(label)
-        for text in (f"#{hit['rank']}", hit["nodule_id"], hit["patient_id"], f"{hit['malignancy']:.1f}"):
+        for text in (f"#{hit['rank']}", hit["nodule_id"], hit["patient_id"], f"{hit['malignancy']:g}"):
             expect(card).to_contain_text(text)
         expect(card).to_contain_text(re.compile(rf"Hamming\s*{hit['hamming']}(?!\d)"))
         expect(card).to_contain_text(re.compile(rf"Euclidean\s*{hit['euclidean']:.3f}"))

@@ -20,7 +20,7 @@ from nodule_pipeline.assets.refresh import WHEN_DATASET_OR_MODEL_CHANGES
 from nodule_pipeline.concurrency import INDEX_POOL
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.index import HashIndex, build_index, bytes_per_item
-from nodule_pipeline.hashing.search import search
+from nodule_pipeline.hashing.search import fold_hits, nodule_of_rows, rows_for_nodules, search
 from nodule_pipeline.hashing.training import encode
 from nodule_pipeline.pictures import markdown_image, search_results
 from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, roi_images, table_fingerprint
@@ -48,10 +48,12 @@ def row_keys(table: pd.DataFrame) -> list[tuple[str, ...]]:
 def example_pictures(index, model, queries: pd.DataFrame, k: int = 6) -> str:
     """Markdown pictures of a few test-split queries with their top results."""
     pictures = []
+    nodules = nodule_of_rows(index)
     for _, row in queries.head(EXAMPLE_QUERIES).iterrows():
         image = np.asarray(row["image"], dtype=np.float32).reshape(32, 32)
         encoded = encode(model, image[None])
-        hits = search(index, encoded.codes[0], encoded.fc[0], int(encoded.predicted[0]), k=k)
+        rows = search(index, encoded.codes[0], encoded.fc[0], int(encoded.predicted[0]), k=rows_for_nodules(nodules, k))
+        hits = fold_hits(rows, nodules, k)  # one picture per nodule, as users see hits
         png = search_results(
             image,
             f"query {row['nodule_id']}\nlabel {int(row['label'])}",

@@ -234,7 +234,9 @@ def evaluate_deployed(
     patients = queries["patient_id"].astype(str).tolist()
     same_patient = database["patient_id"].astype(str).to_numpy()[None, :] == np.asarray(patients)[:, None]
     same_label = queries["label"].to_numpy()[:, None] == database["label"].to_numpy()[None, :]
-    relevant = (same_label & ~same_patient).sum(axis=1)
+    # hits are nodules, as users see them: a query has as many relevant items as distinct nodules
+    # with an annotation of its label outside its patient
+    relevant = np.array([np.unique(searcher.nodule_of_row[wanted]).size for wanted in same_label & ~same_patient])
     modes: dict[str, Any] = {}
     searched = {}
     for mode in SEARCH_MODES:
@@ -249,6 +251,8 @@ def evaluate_deployed(
         "index_version": index.index_version,
         "n_queries": len(queries),
         "n_database": len(index),
+        "n_database_nodules": int(np.unique(searcher.nodule_of_row).size),
+        "unit": "nodule",
         "database": index.lineage.get("database", "train"),
         "accuracy": card_metrics.get("accuracy", classified["accuracy"]),
         "accuracy_as_searched": classified["accuracy"],

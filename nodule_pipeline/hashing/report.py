@@ -120,8 +120,10 @@ def _deployed_section(deployed: dict[str, Any]) -> list[str]:
     return [
         "## Deployed model (the headline)",
         f"`hash_model` {deployed['model_version']} searched through `hash_index` {deployed['index_version']} "
-        f"with the users' search code: {deployed['n_queries']} test queries against {deployed['n_database']} "
-        f"indexed nodules ({deployed['database']} rows). Accuracy {_pct(deployed['accuracy'])} (the model card's), "
+        f"with the users' search code: {deployed['n_queries']} test queries against "
+        f"{deployed.get('n_database_nodules', '?')} indexed nodules ({deployed['n_database']} reader annotations, "
+        f"{deployed['database']} rows), each hit a distinct nodule as users see them (a nodule's annotations "
+        f"folded into one hit where its best one ranks). Accuracy {_pct(deployed['accuracy'])} (the model card's), "
         f"recall (malignant) {_pct(deployed['recall'])}, F1 {_pct(deployed['f1'])}; trained "
         f"{training.get('epochs', '?')} epochs at most, epoch {deployed.get('selected_epoch')} kept.",
         _table(["search mode", "P@10", "MAP@10", "nDCG@10"], rows),
@@ -185,7 +187,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts += [
         "## Comparison study",
         f"Every method below was trained from scratch on the training split (split **{report['split_mode']}**, "
-        f"{report['n_queries']} test queries against {report['n_database']} training ROIs, {report['bits']} bits) "
+        f"{report['n_queries']} test queries against {report['n_database']} training ROIs, {report['bits']} bits; "
+        "each hit a reader annotation, the paper's unit, so a nodule read by four readers can fill four places) "
         f"under the same recipe as the deployed model (at most {recipe.get('epochs', '?')} epochs, "
         f"augmentation {'on' if recipe.get('augment') else 'off'}, validation fraction "
         f"{recipe.get('validation_fraction', '?')}); its figures are not the deployed model's. "

@@ -37,7 +37,7 @@ import logging
 import math
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -561,6 +561,49 @@ class BatchResult:
     hamming: np.ndarray  # int32 (q, k), -1 in padding
     euclidean: np.ndarray  # float32 (q, k), NaN in padding and in "hamming" mode
     class_fallback: np.ndarray  # bool (q,)
+
+
+def nodule_of_rows(index: HashIndex) -> np.ndarray:
+    """Each index row's nodule as a small integer (rows of one nodule share it): one nodule has
+    one row per reader annotation, and a search that answers nodules folds them."""
+    return pd.factorize(index.items["nodule_id"].astype(str), sort=False)[0].astype(np.int64)
+
+
+def first_of_each_nodule(ranked_rows: np.ndarray, nodule_of_row: np.ndarray, k: int) -> np.ndarray:
+    """Positions, in a ranking of rows (best first, -1 padding at the end), of each nodule's best
+    row, for the first ``k`` nodules: a nodule stands where its best annotation stands. The first
+    ``k x (most annotations)`` rows always hold k nodules (when the library has them), and in an
+    order that does not depend on how many rows are asked (Hamming) they are exactly the whole
+    ranking's first k nodules; a Euclidean rerank orders the larger pool those rows come from."""
+    valid = np.flatnonzero(np.asarray(ranked_rows) >= 0)
+    _, first = np.unique(nodule_of_row[np.asarray(ranked_rows)[valid]], return_index=True)
+    return valid[np.sort(first)[:k]]
+
+
+def rows_for_nodules(nodule_of_row: np.ndarray, k: int) -> int:
+    """Rows to ask the search for so that they hold k nodules: k times the most reader
+    annotations one nodule has."""
+    return k * (int(np.bincount(nodule_of_row).max()) if len(nodule_of_row) else 1)
+
+
+def fold_hits(hits: Sequence[SearchHit], nodule_of_row: np.ndarray, k: int) -> list[SearchHit]:
+    """One hit per nodule, the first ``k`` nodules, ranks counted again."""
+    keep = first_of_each_nodule(np.array([hit.row for hit in hits], dtype=np.int64), nodule_of_row, k)
+    return [replace(hits[position], rank=rank) for rank, position in enumerate(keep, start=1)]
+
+
+def fold_batch(result: BatchResult, nodule_of_row: np.ndarray, k: int) -> BatchResult:
+    """:func:`fold_hits` for each query of a batch, padded to ``k`` as batches are."""
+    nq = len(result.rows)
+    rows = np.full((nq, k), -1, dtype=np.int64)
+    hamming = np.full((nq, k), -1, dtype=np.int32)
+    euclidean = np.full((nq, k), np.nan, dtype=np.float32)
+    for query in range(nq):
+        keep = first_of_each_nodule(result.rows[query], nodule_of_row, k)
+        rows[query, : len(keep)] = result.rows[query, keep]
+        hamming[query, : len(keep)] = result.hamming[query, keep]
+        euclidean[query, : len(keep)] = result.euclidean[query, keep]
+    return BatchResult(rows, hamming, euclidean, result.class_fallback)
 
 
 # --------------------------------------------------------------------------- search

@@ -21,7 +21,17 @@ from PIL import Image, UnidentifiedImageError
 from nodule_pipeline import privacy
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
-from nodule_pipeline.hashing.search import TIE_KEY_COLUMNS, BatchResult, SearchHit, search, search_batch
+from nodule_pipeline.hashing.search import (
+    TIE_KEY_COLUMNS,
+    BatchResult,
+    SearchHit,
+    fold_batch,
+    fold_hits,
+    nodule_of_rows,
+    rows_for_nodules,
+    search,
+    search_batch,
+)
 from nodule_pipeline.hashing.training import Encoded, TrainedModel, encode, load_model, read_model_card
 from nodule_pipeline.lidc.lung_mask import segment_lungs
 from nodule_pipeline.lidc.rois import roi_at
@@ -31,6 +41,9 @@ from nodule_pipeline.roi_table import ROI_SIZE
 from nodule_pipeline.storage import artefact_folder, artefacts_dir, model_version_folder
 
 MODES = ("hierarchical", "hamming", "rerank")
+UNITS = ("nodule", "annotation")
+"""What a hit is: a nodule (its reader annotations folded into one hit, where its best one
+stands), or, as the paper counts, each reader annotation on its own."""
 MAX_K = 1000
 """The most hits one query may ask for (a library smaller than k answers all it holds): a
 person reads ten, an evaluation a hundred, and no request can make the server allocate more."""
@@ -44,6 +57,7 @@ class SearchResponse:
     predicted_class: int
     malignant_probability: float
     hits: list[SearchHit]
+    unit: str = "nodule"
 
     def as_text(self, index_version: str) -> str:
         """The results as a small table for a terminal."""
@@ -53,7 +67,7 @@ class SearchResponse:
             f"{'rank':>4}  {'patient':<16} {'nodule':<22} {'label':<9} {'malig.':>6} {'hamming':>7} {'euclid.':>8}",
         ]
         for hit in self.hits:
-            malignancy = f"{hit.malignancy:.1f}" if hit.malignancy is not None else "-"
+            malignancy = f"{hit.malignancy:g}" if hit.malignancy is not None else "-"
             euclidean = f"{hit.euclidean:.3f}" if hit.euclidean is not None else "-"
             label = "malignant" if hit.label else "benign"
             lines.append(
@@ -201,6 +215,7 @@ class NoduleSearcher:
             )
         self.model, self.index, self.model_version = model, index, model_version
         self._nodule_rows: dict[str, np.ndarray] | None = None
+        self.nodule_of_row = nodule_of_rows(index)
 
     @classmethod
     def from_paths(cls, model_dir: Path, index_dir: Path) -> NoduleSearcher:
@@ -221,19 +236,25 @@ class NoduleSearcher:
         return cls.from_paths(model_dir, index_dir)
 
     @staticmethod
-    def _check_options(k: int, mode: str) -> None:
+    def _check_options(k: int, mode: str, unit: str = "nodule") -> None:
         if mode not in MODES:
             raise InputDataError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
             raise InputDataError(f"k must be a whole number from 1 to {MAX_K:,}, got {k!r}")
+        if unit not in UNITS:
+            raise InputDataError(f"unknown unit {unit!r}; a hit is one of {', '.join(UNITS)}")
+
+    def _rows_to_ask(self, k: int, unit: str) -> int:
+        """Rows the search core returns for k hits: k annotations, or enough rows to hold k nodules."""
+        return k if unit == "annotation" else rows_for_nodules(self.nodule_of_row, k)
 
     def _check_position_query(
-        self, voxel: object, position_mm: object, k: int, mode: str, source: str
+        self, voxel: object, position_mm: object, k: int, mode: str, source: str, unit: str = "nodule"
     ) -> tuple[tuple[int, int, int] | None, tuple[float, float, float] | None]:
         """Options and position of a query in a series, checked before any file is read."""
         if (voxel is None) == (position_mm is None):
             raise InputDataError("give the nodule position either as a voxel or in patient mm", path=source)
-        self._check_options(k, mode)
+        self._check_options(k, mode, unit)
         if voxel is not None:
             return check_position(voxel, True, source), None
         return None, check_position(position_mm, False, source)
@@ -245,9 +266,11 @@ class NoduleSearcher:
         mode: str = "hierarchical",
         exclude_patient: str | None = None,
         source: str = "query",
+        unit: str = "nodule",
     ) -> SearchResponse:
-        """The k most similar database nodules to a 32x32 ROI (Hounsfield units, like the database)."""
-        self._check_options(k, mode)
+        """The k most similar library nodules to a 32x32 ROI (Hounsfield units, like the
+        library), or the k most similar reader annotations with ``unit="annotation"``."""
+        self._check_options(k, mode, unit)
         roi = check_query_image(image, source)
         encoded = encode(self.model, roi[None])
         predicted = int(encoded.predicted[0])
@@ -256,11 +279,13 @@ class NoduleSearcher:
             encoded.codes[0],
             encoded.fc[0],
             predicted,
-            k=k,
+            k=self._rows_to_ask(k, unit),
             mode=mode,
             exclude_patient=exclude_patient,
         )
-        return SearchResponse(roi, predicted, float(encoded.probs[0, 1]), hits)
+        if unit == "nodule":
+            hits = fold_hits(hits, self.nodule_of_row, k)
+        return SearchResponse(roi, predicted, float(encoded.probs[0, 1]), hits, unit)
 
     def nodule_rows(self, nodule_id: str) -> np.ndarray:
         """The index rows of a library nodule (one per reader annotation), by annotation id where
@@ -286,15 +311,17 @@ class NoduleSearcher:
             }
         return self._nodule_rows
 
-    def search_nodule(self, nodule_id: str, k: int = 10, mode: str = "hierarchical") -> SearchResponse:
+    def search_nodule(
+        self, nodule_id: str, k: int = 10, mode: str = "hierarchical", unit: str = "nodule"
+    ) -> SearchResponse:
         """The k most similar nodules to a library nodule (its first annotation's ROI), leaving out
         every nodule of its own patient."""
-        self._check_options(k, mode)
+        self._check_options(k, mode, unit)
         row = int(self.nodule_rows(nodule_id)[0])
         if self.index.rois is None:
             raise InputDataError(f"index {self.index.index_version} keeps no ROIs to search with; query with an image")
         patient = str(self.index.items["patient_id"].iloc[row])
-        return self.search_roi(self.index.rois[row], k, mode, exclude_patient=patient, source=nodule_id)
+        return self.search_roi(self.index.rois[row], k, mode, exclude_patient=patient, source=nodule_id, unit=unit)
 
     def search_many(
         self,
@@ -302,15 +329,22 @@ class NoduleSearcher:
         k: int = 10,
         mode: str = "hierarchical",
         exclude_patients: list[str | None] | None = None,
+        unit: str = "nodule",
     ) -> tuple[Encoded, BatchResult]:
         """Many ROIs (n, 32, 32) at once, for evaluation: one encoding pass and one pass over the
         codes, with the search core :meth:`search_roi` uses, so the hits are the same."""
-        self._check_options(k, mode)
+        self._check_options(k, mode, unit)
         encoded = encode(self.model, images)
         result = search_batch(
-            self.index, encoded.codes, encoded.fc, encoded.predicted, k=k, mode=mode, exclude_patients=exclude_patients
+            self.index,
+            encoded.codes,
+            encoded.fc,
+            encoded.predicted,
+            k=self._rows_to_ask(k, unit),
+            mode=mode,
+            exclude_patients=exclude_patients,
         )
-        return encoded, result
+        return encoded, fold_batch(result, self.nodule_of_row, k) if unit == "nodule" else result
 
     def search_dicom(
         self,
@@ -320,15 +354,16 @@ class NoduleSearcher:
         k: int = 10,
         mode: str = "hierarchical",
         exclude_patient: str | None = None,
+        unit: str = "nodule",
     ) -> SearchResponse:
         """Cut the ROI at a nodule of a DICOM series (voxel (row, col, slice) or patient mm) the
         way ingestion does, then search with it."""
-        voxel, position_mm = self._check_position_query(voxel, position_mm, k, mode, str(series_dir))
+        voxel, position_mm = self._check_position_query(voxel, position_mm, k, mode, str(series_dir), unit)
         if not series_dir.is_dir():
             what = "is a file, not a DICOM series folder" if series_dir.exists() else "DICOM series folder not found"
             raise InputDataError(what, path=series_dir)
         series = load_series(series_dir, _query_patient(series_dir))
-        return self.search_series(series, voxel, position_mm, k, mode, exclude_patient)
+        return self.search_series(series, voxel, position_mm, k, mode, exclude_patient, unit=unit)
 
     def search_series(
         self,
@@ -339,10 +374,11 @@ class NoduleSearcher:
         mode: str = "hierarchical",
         exclude_patient: str | None = None,
         lungs: np.ndarray | None = None,
+        unit: str = "nodule",
     ) -> SearchResponse:
         """:meth:`search_dicom` on a series already loaded, with its lung mask when the caller
         keeps one (``segment_lungs`` of the whole volume is most of a query's time)."""
-        voxel, position_mm = self._check_position_query(voxel, position_mm, k, mode, str(series.folder))
+        voxel, position_mm = self._check_position_query(voxel, position_mm, k, mode, str(series.folder), unit)
         if voxel is not None:
             centre = series.check_voxel(voxel)
         else:
@@ -357,7 +393,7 @@ class NoduleSearcher:
         if lungs is None:
             lungs = segment_lungs(series.hu, series.spacing_mm)
         image = roi_at(series.hu, lungs, centre)
-        return self.search_roi(image, k, mode, exclude_patient, source=str(series.folder))
+        return self.search_roi(image, k, mode, exclude_patient, source=str(series.folder), unit=unit)
 
 
 def _query_patient(series_dir: Path) -> str:

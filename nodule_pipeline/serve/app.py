@@ -45,7 +45,7 @@ SERIES_ZIP_LIMIT = 1 << 30
 """Largest uploaded DICOM series zip (a thin-slice CT series is a few hundred MB)."""
 CONCURRENT_SERIES_UPLOADS = 2
 """Series read at once (each takes up to a few GB while read); a third waits for a 503's Retry-After."""
-SEARCH_FIELDS = ("image", "nodule_id", "series_id", "voxel", "position_mm", "k", "mode", "exclude_patient")
+SEARCH_FIELDS = ("image", "nodule_id", "series_id", "voxel", "position_mm", "k", "mode", "unit", "exclude_patient")
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 """The page loads its own files only: nothing from elsewhere, even if an item's text held markup."""
 T = TypeVar("T")
@@ -265,23 +265,31 @@ def _search(searcher: NoduleSearcher, uploads: SeriesStore, payload: object) -> 
     if len(given) != 1:
         raise InputDataError("give one query: image (32x32 = 1024 HU values), nodule_id, or series_id with voxel")
     k, mode, exclude = payload.get("k", 10), payload.get("mode", "hierarchical"), payload.get("exclude_patient")
+    unit = payload.get("unit", "nodule")
     if exclude is not None and not isinstance(exclude, str):
         raise InputDataError(f"exclude_patient must be a patient id, got {exclude!r}")
     if "image" in payload:
-        response = searcher.search_roi(payload["image"], k, mode, exclude_patient=exclude, source="image")
+        response = searcher.search_roi(payload["image"], k, mode, exclude_patient=exclude, source="image", unit=unit)
         query: dict[str, Any] = {"kind": "image"}
     elif "nodule_id" in payload:
         if exclude is not None:
             raise InputDataError(
                 "a nodule_id query leaves out the nodule's own patient; exclude_patient does not apply"
             )
-        response = searcher.search_nodule(payload["nodule_id"], k, mode)
+        response = searcher.search_nodule(payload["nodule_id"], k, mode, unit=unit)
         nodule = describe.nodule_json(searcher, payload["nodule_id"])
         query = {"kind": "nodule", **{key: nodule[key] for key in ("nodule_id", "patient_id", "label", "malignancy")}}
     else:
         uploaded = uploads.get(payload["series_id"])
         response = searcher.search_series(
-            uploaded.series, payload.get("voxel"), payload.get("position_mm"), k, mode, exclude, lungs=uploaded.lungs
+            uploaded.series,
+            payload.get("voxel"),
+            payload.get("position_mm"),
+            k,
+            mode,
+            exclude,
+            lungs=uploaded.lungs,
+            unit=unit,
         )
         query = {"kind": "series", "series_id": payload["series_id"], "voxel": payload.get("voxel")}
     return describe.response_json(searcher, response, query)
@@ -292,7 +300,7 @@ async def search_upload(request: Request) -> JSONResponse:
     name = _upload_name(request, "roi.npy")
     request.state.audit = {"asked": {"name": name}}
     params = request.query_params
-    k, mode = _number(params.get("k"), 10), params.get("mode", "hierarchical")
+    k, mode, unit = _number(params.get("k"), 10), params.get("mode", "hierarchical"), params.get("unit", "nodule")
     exclude = params.get("exclude_patient")
     with tempfile.TemporaryFile() as file:
         await _receive(request, ROI_FILE_LIMIT, file)
@@ -301,7 +309,7 @@ async def search_upload(request: Request) -> JSONResponse:
             # read as a plain file, as the CLI opens a path: numpy then reads it, and words damage, the same way
             with open(file.fileno(), "rb", closefd=False) as reader:
                 image = read_query_roi(reader, name)
-            response = searcher.search_roi(image, k, mode, exclude_patient=exclude, source=name)
+            response = searcher.search_roi(image, k, mode, exclude_patient=exclude, source=name, unit=unit)
             return describe.response_json(searcher, response, {"kind": "upload", "name": name})
 
         return JSONResponse(_audit(request, await _with_searcher(request, work)))

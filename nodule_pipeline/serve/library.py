@@ -176,9 +176,21 @@ def thumbnail_url(nodule_id: str, annotation_id: object = None) -> str:
     return url
 
 
-def hit_json(searcher: NoduleSearcher, hit: SearchHit) -> dict[str, Any]:
-    """A hit: the search-result contract (DESIGN section 6), then the item's ratings and picture."""
-    return {**item_json(searcher, hit.row), **hit.to_json(), "class_fallback": hit.class_fallback}
+def hit_json(searcher: NoduleSearcher, hit: SearchHit, unit: str) -> dict[str, Any]:
+    """A hit: the search-result contract, then the matched annotation's ratings and picture; a
+    nodule hit also lists each of the nodule's reader annotations (``matched`` names the one
+    whose distances these are)."""
+    answer = {**item_json(searcher, hit.row), **hit.to_json(), "unit": unit, "class_fallback": hit.class_fallback}
+    if unit == "nodule":
+        readers = []
+        for row in searcher.nodule_rows(hit.nodule_id):
+            reader = item_json(searcher, int(row))
+            readers.append(
+                {key: reader[key] for key in ("annotation_id", "reader", "label", "malignancy") if key in reader}
+                | {"characteristics": reader["characteristics"], "matched": int(row) == hit.row}
+            )
+        answer["readers"] = readers
+    return answer
 
 
 def response_json(searcher: NoduleSearcher, response: SearchResponse, query: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +206,8 @@ def response_json(searcher: NoduleSearcher, response: SearchResponse, query: dic
             "picture": f"data:image/png;base64,{picture}",
         },
         "class_fallback": any(hit.class_fallback for hit in response.hits),
-        "hits": [hit_json(searcher, hit) for hit in response.hits],
+        "unit": response.unit,
+        "hits": [hit_json(searcher, hit, response.unit) for hit in response.hits],
     }
 
 

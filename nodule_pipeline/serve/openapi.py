@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodule_pipeline.hashing.search import MODES
-from nodule_pipeline.hashing.searcher import MAX_K
+from nodule_pipeline.hashing.searcher import MAX_K, UNITS
 from nodule_pipeline.serve.security import CONTENT_TYPES, SESSION_COOKIE, TOKEN_ENV
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -33,6 +33,12 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 _K = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10, "description": "how many hits"}
 _MODE = {"type": "string", "enum": list(MODES), "default": "hierarchical", "description": "search stages"}
+_UNIT = {
+    "type": "string",
+    "enum": list(UNITS),
+    "default": "nodule",
+    "description": "a hit is a nodule (its reader annotations folded, placed where its best ranks) or an annotation",
+}
 _SEARCH_RESPONSES = {"200": _json({"$ref": "#/components/schemas/SearchResponse"}, "the hits, best first")}
 _PNG = {"200": {"description": "a PNG picture", "content": {"image/png": {}}}}
 _PATH_NODULE = {"name": "nodule_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -88,8 +94,14 @@ HIT = {
                     "type": "boolean",
                     "description": "the predicted class had no searchable item: the whole library was searched",
                 },
+                "unit": {"type": "string", "enum": list(UNITS)},
+                "readers": {
+                    "type": "array",
+                    "description": "nodule hits: each reader annotation of the nodule; matched marks the one shown",
+                    "items": {"type": "object"},
+                },
             },
-            "required": ["rank", "hamming", "euclidean", "index_version", "class_fallback"],
+            "required": ["rank", "hamming", "euclidean", "index_version", "class_fallback", "unit"],
         },
     ]
 }
@@ -191,6 +203,7 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                         ),
                         _query("k", _K, "how many hits"),
                         _query("mode", _MODE, "search stages"),
+                        _query("unit", _UNIT, "what a hit is"),
                         _query("exclude_patient", {"type": "string"}, "leave this patient's nodules out"),
                     ],
                     "requestBody": _upload(
@@ -265,6 +278,7 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                         },
                         "k": _K,
                         "mode": _MODE,
+                        "unit": _UNIT,
                         "exclude_patient": {"type": "string", "description": "leave this patient's nodules out"},
                     },
                     "additionalProperties": False,

@@ -72,6 +72,11 @@ function number(value, digits) {
   return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
 }
 
+// A reader's rating: whole as read (4), a median between two ratings with its half (3.5).
+function rating(value) {
+  return value === null || value === undefined ? "–" : Number.isInteger(Number(value)) ? String(Number(value)) : Number(value).toFixed(1);
+}
+
 async function loadLibrary() {
   try {
     const session = await api("/api/session");
@@ -141,7 +146,7 @@ function ratingList(characteristics) {
   const list = element("dl");
   for (const [key, name] of CHARACTERISTICS) {
     if (!(key in characteristics)) continue;
-    list.append(element("dt", "", name), element("dd", "", number(characteristics[key], 0)));
+    list.append(element("dt", "", name), element("dd", "", rating(characteristics[key])));
   }
   return list;
 }
@@ -150,6 +155,11 @@ function facts(pairs) {
   const list = element("dl");
   for (const [name, value] of pairs) list.append(element("dt", "", name), element("dd", "", value));
   return list;
+}
+
+// A nodule hit folds its readers' annotations: their malignancy ratings, the matched one marked.
+function readerRatings(readers) {
+  return readers.map((reader) => rating(reader.malignancy) + (reader.matched && readers.length > 1 ? "*" : "")).join(" · ");
 }
 
 function hitCard(hit) {
@@ -168,7 +178,8 @@ function hitCard(hit) {
     facts([
       ["nodule", hit.nodule_id],
       ["patient", hit.patient_id],
-      ["malignancy", number(hit.malignancy, 1)],
+      ["malignancy", rating(hit.malignancy)],
+      ...(hit.readers ? [["readers", readerRatings(hit.readers)]] : []),
       ["Hamming", String(hit.hamming)],
       ["Euclidean", number(hit.euclidean, 3)],
     ]),
