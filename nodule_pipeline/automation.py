@@ -5,7 +5,8 @@
   second delivery of the same files is a no-op.
 - ``library_refresh`` evaluates the automation conditions of ``roi_dataset`` and ``hash_index``
   (see ``assets/refresh.py``): new ROIs are split (new patients to the database side) and
-  encoded with the current model, no retraining.
+  encoded with the current model, no retraining; ``nodule_diagnosis`` matches the new nodules
+  to the diagnosis sheet.
 - ``evaluation_after_retrain`` re-runs ``retrieval_evaluation`` after a new model passed its checks.
 - ``weekly_retrain`` retrains ``hash_model`` (cron from ``NODULE_PIPELINE_RETRAIN_CRON``).
 """
@@ -77,11 +78,11 @@ def new_scans(context: SensorEvaluationContext, scan_source: ScanSource):
 
 library_refresh = AutomationConditionSensorDefinition(
     "library_refresh",
-    target=AssetSelection.assets("roi_dataset", "hash_index"),
+    target=AssetSelection.assets("roi_dataset", "hash_index", "nodule_diagnosis"),
     run_tags=INDEX,
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
-    description="roi_dataset and hash_index follow new patients' ROIs (no retraining).",
+    description="roi_dataset, hash_index and nodule_diagnosis follow new patients' ROIs (no retraining).",
 )
 evaluation_after_retrain = AutomationConditionSensorDefinition(
     "evaluation_after_retrain",

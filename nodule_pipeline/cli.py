@@ -71,6 +71,8 @@ def _print_summary(summary, data_dir: Path) -> None:
         print(f"  {evaluation.get('leakage', 'leakage not measured')}")
         if "reader_agreement_summary" in evaluation:
             print(f"  {evaluation['reader_agreement_summary']}")
+    if summary.diagnosis:
+        print(f"diagnosis: {summary.diagnosis}")
     for outcome in summary.failed:
         print(f"FAILED {outcome.patient_id}: {outcome.error}")
     print(f"instance and artefacts: {data_dir}  (open the UI: nodule-pipeline ui --data-dir {data_dir})")
@@ -109,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         training=training,
         report=args.report,
         rerun=args.rerun_all,
+        diagnosis_sheet=Path(args.diagnosis) if args.diagnosis else None,
     )
     _print_summary(summary, data_dir)
     return 1 if summary.failed or summary.library_ok is False else 0
@@ -119,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     lidc_root = Path(args.data_dir) / "lidc"
     args.out, args.all = str(lidc_root), False
     cmd_demo_data(args)
-    args.lidc_root, args.patients = str(lidc_root), None
+    args.lidc_root, args.patients, args.diagnosis = str(lidc_root), None, None
     return cmd_run(args)
 
 
@@ -192,16 +195,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         except OSError as error:
             raise InputDataError(f"cannot write the picture ({error.strerror or error})", path=args.picture) from None
     if args.json:
-        readers = (
-            {} if unit == "annotation" else {hit.nodule_id: len(searcher.nodule_rows(hit.nodule_id)) for hit in hits}
-        )
-        print(
-            json.dumps(
-                [hit.to_json() | ({"readers": readers[hit.nodule_id]} if readers else {}) for hit in hits], indent=2
-            )
-        )
+        printed = []
+        for hit in hits:
+            readers = {} if unit == "annotation" else {"readers": len(searcher.nodule_rows(hit.nodule_id))}
+            printed.append(hit.to_json() | readers | {"diagnosis": searcher.diagnoses.get(hit.nodule_id)})
+        print(json.dumps(printed, indent=2))
     else:
-        print(response.as_text(searcher.index.index_version))
+        print(response.as_text(searcher.index.index_version, searcher.diagnoses))
         if args.picture:
             print(f"picture: {args.picture}")
     return 0
@@ -375,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lidc-root", required=True, help="scan root in TCIA layout")
     run.add_argument("--data-dir", default="data", help="instance and artefacts (default %(default)s)")
     run.add_argument("--patients", nargs="+", help="only these patient ids")
+    run.add_argument(
+        "--diagnosis",
+        metavar="FILE",
+        help="TCIA's diagnosis spreadsheet (.xls), to show what nodules really were "
+        "(default: *diagnosis*.xls at the scan root, if any)",
+    )
     add_run_options(run)
     run.set_defaults(func=cmd_run)
 

@@ -16,6 +16,7 @@ from nodule_pipeline.resources import (
     ReportStore,
     ScanSource,
     default_data_dir,
+    default_diagnosis_sheet,
     default_lidc_root,
 )
 from nodule_pipeline.storage import artefacts_dir, reports_dir
@@ -41,10 +42,13 @@ def progress_logger(init_context: InitLoggerContext) -> logging.Logger:
     return progress
 
 
-def build_definitions(data_dir: Path | None = None, lidc_root: Path | None = None) -> Definitions:
+def build_definitions(
+    data_dir: Path | None = None, lidc_root: Path | None = None, diagnosis_sheet: Path | None = None
+) -> Definitions:
     """Definitions for one data folder (artefacts under ``data_dir/artefacts``) and scan root."""
     data_dir = (data_dir or default_data_dir()).resolve()
     lidc_root = (lidc_root or default_lidc_root(data_dir)).resolve()
+    sheet = str(diagnosis_sheet.resolve()) if diagnosis_sheet else default_diagnosis_sheet(data_dir)
     return Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
@@ -53,7 +57,7 @@ def build_definitions(data_dir: Path | None = None, lidc_root: Path | None = Non
         schedules=SCHEDULES,
         loggers={"progress": progress_logger},
         resources={
-            "scan_source": ScanSource(root=str(lidc_root)),
+            "scan_source": ScanSource(root=str(lidc_root), diagnosis_sheet=sheet),
             "io_manager": ArtefactIOManager(base_dir=str(artefacts_dir(data_dir))),
             "reports": ReportStore(folder=str(reports_dir(data_dir))),
         },

@@ -4,7 +4,7 @@ training jobs also ask Kubernetes for a GPU (see :mod:`nodule_pipeline.concurren
 
 from dagster import AssetSelection, define_asset_job
 
-from nodule_pipeline.assets import INGESTION_ASSETS, LIBRARY_ASSETS
+from nodule_pipeline.assets import DIAGNOSIS_ASSETS, INGESTION_ASSETS, LIBRARY_ASSETS
 from nodule_pipeline.concurrency import INDEX, INGEST, TRAIN
 from nodule_pipeline.partitions import patients_partitions
 
@@ -33,4 +33,10 @@ reindex_job = define_asset_job(
     tags=INDEX,
     description="Refresh roi_dataset with the patients ingested since, and re-encode the index with the current model.",
 )
-ALL_JOBS = [ingest_patient_job, build_library_job, retrain_job, reindex_job]
+diagnosis_job = define_asset_job(
+    "attach_diagnosis",
+    selection=AssetSelection.assets(*DIAGNOSIS_ASSETS),
+    tags=INDEX,
+    description="Read TCIA's diagnosis sheet and match it to the library's nodules (what they really were).",
+)
+ALL_JOBS = [ingest_patient_job, build_library_job, retrain_job, reindex_job, diagnosis_job]

@@ -27,6 +27,7 @@ from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
 from nodule_pipeline.lidc.series import CtSeries, open_scan, save_scan
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
 from nodule_pipeline.storage import (
+    TABLE_FILE,
     artefact_folder,
     atomic_write,
     model_version_folder,
@@ -36,6 +37,7 @@ from nodule_pipeline.storage import (
 
 DATA_DIR_ENV = "NODULE_PIPELINE_DATA_DIR"
 LIDC_ROOT_ENV = "NODULE_PIPELINE_LIDC_ROOT"
+DIAGNOSIS_ENV = "NODULE_PIPELINE_DIAGNOSIS"
 SETTINGS_FILE = "settings.json"
 
 
@@ -43,19 +45,33 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, "data")).resolve()
 
 
+def _settings(data_dir: Path) -> dict[str, str]:
+    settings = data_dir / SETTINGS_FILE
+    return json.loads(settings.read_text()) if settings.exists() else {}
+
+
 def default_lidc_root(data_dir: Path) -> Path:
     """The scan root: the environment, else what ``nodule-pipeline run`` recorded, else data/lidc."""
     if os.environ.get(LIDC_ROOT_ENV):
         return Path(os.environ[LIDC_ROOT_ENV]).resolve()
-    settings = data_dir / SETTINGS_FILE
-    if settings.exists():
-        return Path(json.loads(settings.read_text())["lidc_root"])
-    return data_dir / "lidc"
+    return Path(_settings(data_dir).get("lidc_root") or data_dir / "lidc")
 
 
-def remember_lidc_root(data_dir: Path, lidc_root: Path) -> None:
-    """Record the scan root beside the instance so ``make ui`` on that data dir finds the scans."""
-    payload = json.dumps({"lidc_root": str(lidc_root.resolve())}, indent=2)
+def default_diagnosis_sheet(data_dir: Path) -> str:
+    """The diagnosis sheet named by the environment or by ``run --diagnosis`` ("": found at the
+    scan root, if there is one)."""
+    return os.environ.get(DIAGNOSIS_ENV) or _settings(data_dir).get("diagnosis_sheet", "")
+
+
+def remember_lidc_root(data_dir: Path, lidc_root: Path, diagnosis_sheet: Path | None = None) -> None:
+    """Record the scan root (and a diagnosis sheet given to ``run``) beside the instance, so
+    ``make ui`` on that data dir finds the scans."""
+    settings = {"lidc_root": str(lidc_root.resolve())}
+    if diagnosis_sheet is not None:
+        settings["diagnosis_sheet"] = str(diagnosis_sheet.resolve())
+    elif _settings(data_dir).get("diagnosis_sheet"):
+        settings["diagnosis_sheet"] = _settings(data_dir)["diagnosis_sheet"]
+    payload = json.dumps(settings, indent=2)
     atomic_write(data_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(payload))
 
 
@@ -69,6 +85,8 @@ def load_artefact(folder: Path, lazy_volumes: bool = False) -> object:
     decompressed on demand with ``lazy_volumes``, see :func:`open_scan`)."""
     if (folder / "rois.parquet").exists():
         return read_roi_table(folder / "rois.parquet")
+    if (folder / TABLE_FILE).exists():
+        return pd.read_parquet(folder / TABLE_FILE)
     if (folder / "scan.json").exists():
         return open_scan(folder, lazy=lazy_volumes)
     if (folder / MODEL_META).exists():
@@ -90,6 +108,8 @@ class ScanSource(ConfigurableResource):
     ``NODULE_PIPELINE_PSEUDONYM_KEY`` is set (see :mod:`nodule_pipeline.privacy`)."""
 
     root: str
+    diagnosis_sheet: str = ""
+    """TCIA's diagnosis spreadsheet (.xls); "" looks for ``*diagnosis*.xls`` at the root."""
 
     def patient_folders(self) -> dict[str, Path]:
         """Partition key -> folder, for every patient folder under the root that holds DICOM files."""
@@ -132,8 +152,10 @@ class ArtefactIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj: object) -> None:
         partition = context.partition_key if context.has_asset_partitions else None
         folder = self._folder(context.asset_key.path, partition)
-        if isinstance(obj, pd.DataFrame):
+        if isinstance(obj, pd.DataFrame) and "image" in obj.columns:
             write_roi_table(obj, folder / "rois.parquet")
+        elif isinstance(obj, pd.DataFrame):
+            atomic_write(folder / TABLE_FILE, lambda tmp: obj.to_parquet(tmp, index=False))
         elif isinstance(obj, ModelArtefact):
             versioned = model_version_folder(Path(self.base_dir), obj.card["model_version"])
             save_model(obj.model, versioned, obj.card)

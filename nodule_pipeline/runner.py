@@ -83,6 +83,8 @@ class RunSummary:
     orphaned_runs: int = 0
     model_verdict: str | None = None
     """Why the trained model did or did not reach the index (the accuracy-floor check)."""
+    diagnosis: str | None = None
+    """What the diagnosis sheet added (or why it could not), one line; None when not attempted."""
 
     @property
     def failed(self) -> list[PatientOutcome]:
@@ -192,12 +194,15 @@ def run_pipeline(
     training: dict | None = None,
     report: str = "quick",
     rerun: bool = False,
+    diagnosis_sheet: Path | None = None,
 ) -> RunSummary:
     """Register the patients under ``lidc_root`` as partitions and materialize their chain, then
     the library: dataset split, model (``training``: hash_model config), index and, unless
-    ``report`` is "none", the evaluation report ("quick" or "full" profile).
-    Every patient is attempted; failures are collected with their reasons. What is already
-    current is skipped unless ``rerun``, so an interrupted run resumes where it stopped."""
+    ``report`` is "none", the evaluation report ("quick" or "full" profile); then TCIA's diagnosis
+    sheet (``diagnosis_sheet``, or ``*diagnosis*.xls`` at the scan root) matched to the library's
+    nodules, whose failure fails nothing else. Every patient is attempted; failures are collected
+    with their reasons. What is already current is skipped unless ``rerun``, so an interrupted run
+    resumes where it stopped."""
     for category in (BetaWarning, PreviewWarning):  # Dagster's API-stability notes are not for end users
         warnings.filterwarnings("ignore", category=category)
     lidc_root, data_dir = lidc_root.resolve(), data_dir.resolve()
@@ -219,8 +224,8 @@ def run_pipeline(
             outcomes.append(PatientOutcome(patient_id, False, 0.0, error=str(error)))
             progress(f"  {patient_id}: FAILED {error}")
 
-    remember_lidc_root(data_dir, lidc_root)
-    defs = build_definitions(data_dir, lidc_root)
+    remember_lidc_root(data_dir, lidc_root, diagnosis_sheet)
+    defs = build_definitions(data_dir, lidc_root, diagnosis_sheet)
     instance = open_instance(data_dir)
     orphaned = close_orphaned_runs(instance)
     if orphaned:
@@ -274,6 +279,8 @@ def run_pipeline(
         progress("library: up to date (no new ROIs, same code and settings), skipped")
         summary.library_ok, summary.library_skipped = True, True
         summary.library_metadata = {name: _short_values(metadata_of(latest_record(instance, name))) for name in names}
+        summary.diagnosis = attach_diagnosis(defs, instance, tags)
+        progress(f"diagnosis: {summary.diagnosis}")
         return summary
     progress("library: roi_dataset (split), hash_model (training), hash_index, retrieval_evaluation")
     ops = {"hash_model": {"config": training or {}}}
@@ -293,4 +300,24 @@ def run_pipeline(
     summary.library_metadata = {name: _materialization_metadata(result, name) for name in LIBRARY_ASSET_NAMES}
     if not result.success:
         progress(f"library: FAILED {failure_reason(result)}")
+    summary.diagnosis = attach_diagnosis(defs, instance, tags)
+    progress(f"diagnosis: {summary.diagnosis}")
     return summary
+
+
+def attach_diagnosis(defs: Definitions, instance: DagsterInstance, tags: dict[str, str]) -> str:
+    """Read the diagnosis sheet and match it to the library's nodules (its own run: a bad sheet
+    fails only this), and say in one line what it gave."""
+    result = defs.resolve_job_def("attach_diagnosis").execute_in_process(
+        run_config=PROGRESS_RUN_CONFIG, instance=instance, raise_on_error=False, tags=tags
+    )
+    if not result.success:
+        return f"FAILED {failure_reason(result)} (the library and its search are not affected)"
+    sheet = _materialization_metadata(result, "lidc_diagnosis")
+    if sheet.get("source") == "none":
+        return "no diagnosis sheet (*diagnosis*.xls at the scan root, or run --diagnosis FILE): none shown"
+    matched = _materialization_metadata(result, "nodule_diagnosis")
+    return (
+        f"{sheet.get('source')}: {sheet.get('patients')} patients; {matched.get('nodules_matched')} of "
+        f"{matched.get('nodules')} library nodules matched ({matched.get('patients_matched')} patients)"
+    )

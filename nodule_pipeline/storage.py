@@ -178,6 +178,10 @@ def artefact_folder(base_dir: Path, asset_path: list[str], partition_key: str | 
     return folder / check_safe_key(partition_key, "partition key") if partition_key is not None else folder
 
 
+TABLE_FILE = "table.parquet"
+"""Where a table that is not a ROI table (no images: the diagnosis sheet, its matches) is stored."""
+
+
 def artefacts_dir(data_dir: Path) -> Path:
     return data_dir / "artefacts"
 

@@ -98,7 +98,7 @@ def test_cli_json_and_picture(materialized: Path, tmp_path: Path, capsys: pytest
     )
     assert code == 0
     hits = json.loads(capsys.readouterr().out)
-    assert len(hits) == 3 and all(set(hit) == JSON_KEYS | {"readers"} for hit in hits)
+    assert len(hits) == 3 and all(set(hit) == JSON_KEYS | {"readers", "diagnosis"} for hit in hits)
     assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
     assert len({h["nodule_id"] for h in hits}) == 3  # one hit per nodule
     assert [h["readers"] for h in hits] == [len(searcher.nodule_rows(h["nodule_id"])) for h in hits]
@@ -106,7 +106,7 @@ def test_cli_json_and_picture(materialized: Path, tmp_path: Path, capsys: pytest
     common = ["search", "--roi", str(query), "--data-dir", str(materialized), "--json", "--k", "14", "--mode", "rerank"]
     assert main([*common, "--per-annotation"]) == 0
     annotations = json.loads(capsys.readouterr().out)
-    assert len(annotations) == len(searcher.index) and set(annotations[0]) == JSON_KEYS  # the paper's unit
+    assert len(annotations) == len(searcher.index) and set(annotations[0]) == JSON_KEYS | {"diagnosis"}
     assert main(common) == 0
     nodules = json.loads(capsys.readouterr().out)
     # the same ranking, each nodule where its best annotation stands

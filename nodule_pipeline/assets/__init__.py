@@ -1,6 +1,7 @@
 """Thin asset modules, one per stage of the chain: load inputs, call the core, attach metadata."""
 
 from nodule_pipeline.assets.dataset import roi_dataset
+from nodule_pipeline.assets.diagnosis import lidc_diagnosis, nodule_diagnosis
 from nodule_pipeline.assets.evaluation import retrieval_evaluation
 from nodule_pipeline.assets.index import hash_index, index_rows_match_database, index_uses_current_model
 from nodule_pipeline.assets.lung_masks import lung_mask
@@ -14,7 +15,8 @@ from nodule_pipeline.assets.split_leak import (
 
 INGESTION_ASSETS = [lidc_scan, lung_mask, nodule_rois]
 LIBRARY_ASSETS = [roi_dataset, hash_model, hash_index, retrieval_evaluation]
-ALL_ASSETS = [*INGESTION_ASSETS, *LIBRARY_ASSETS]
+DIAGNOSIS_ASSETS = [lidc_diagnosis, nodule_diagnosis]
+ALL_ASSETS = [*INGESTION_ASSETS, *LIBRARY_ASSETS, *DIAGNOSIS_ASSETS]
 ALL_CHECKS = [
     index_rows_match_database,
     index_uses_current_model,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from nodule_pipeline import privacy
@@ -33,12 +34,13 @@ from nodule_pipeline.hashing.search import (
     search_batch,
 )
 from nodule_pipeline.hashing.training import Encoded, TrainedModel, encode, load_model, read_model_card
+from nodule_pipeline.lidc.diagnosis import diagnosis_json
 from nodule_pipeline.lidc.lung_mask import segment_lungs
 from nodule_pipeline.lidc.rois import roi_at
 from nodule_pipeline.lidc.series import CtSeries, load_series
 from nodule_pipeline.pictures import LUNG_WINDOW
 from nodule_pipeline.roi_table import ROI_SIZE
-from nodule_pipeline.storage import artefact_folder, artefacts_dir, model_version_folder
+from nodule_pipeline.storage import TABLE_FILE, artefact_folder, artefacts_dir, model_version_folder
 
 MODES = ("hierarchical", "hamming", "rerank")
 UNITS = ("nodule", "annotation")
@@ -59,22 +61,34 @@ class SearchResponse:
     hits: list[SearchHit]
     unit: str = "nodule"
 
-    def as_text(self, index_version: str) -> str:
-        """The results as a small table for a terminal."""
+    def as_text(self, index_version: str, diagnoses: dict[str, dict[str, str] | None] | None = None) -> str:
+        """The results as a small table for a terminal: the readers' label and rating (suspicion),
+        and the confirmed diagnosis where TCIA's sheet gives one."""
         verdict = "malignant" if self.predicted_class else "benign"
         lines = [
             f"query predicted {verdict} (p malignant {self.malignant_probability:.2f}); index {index_version}",
-            f"{'rank':>4}  {'patient':<16} {'nodule':<22} {'label':<9} {'malig.':>6} {'hamming':>7} {'euclid.':>8}",
+            f"{'rank':>4}  {'patient':<16} {'nodule':<22} {'readers':<9} {'malig.':>6} {'hamming':>7} {'euclid.':>8}"
+            "  confirmed",
         ]
         for hit in self.hits:
             malignancy = f"{hit.malignancy:g}" if hit.malignancy is not None else "-"
             euclidean = f"{hit.euclidean:.3f}" if hit.euclidean is not None else "-"
             label = "malignant" if hit.label else "benign"
+            confirmed = (diagnoses or {}).get(hit.nodule_id)
             lines.append(
                 f"{hit.rank:>4}  {hit.patient_id:<16} {hit.nodule_id:<22} {label:<9} {malignancy:>6} "
-                f"{hit.hamming:>7} {euclidean:>8}"
+                f"{hit.hamming:>7} {euclidean:>8}  {confirmed_text(confirmed)}"
             )
         return "\n".join(lines)
+
+
+def confirmed_text(diagnosis: dict[str, str] | None) -> str:
+    """A confirmed diagnosis in words, "primary lung cancer (biopsy)", with "(patient's)" when the
+    sheet's diagnosis is the patient's rather than this nodule's; "-" when unknown."""
+    if diagnosis is None:
+        return "-"
+    whose = ", patient's" if diagnosis["level"] == "patient" else ""
+    return f"{diagnosis['value']} ({diagnosis['method']}{whose})"
 
 
 def check_query_image(image: np.ndarray, source: str) -> np.ndarray:
@@ -216,6 +230,8 @@ class NoduleSearcher:
         self.model, self.index, self.model_version = model, index, model_version
         self._nodule_rows: dict[str, np.ndarray] | None = None
         self.nodule_of_row = nodule_of_rows(index)
+        self.diagnoses: dict[str, dict[str, str] | None] = {}
+        """Confirmed diagnoses by nodule id, where TCIA's sheet gives one (``nodule_diagnosis``)."""
 
     @classmethod
     def from_paths(cls, model_dir: Path, index_dir: Path) -> NoduleSearcher:
@@ -233,7 +249,9 @@ class NoduleSearcher:
         if index_dir.is_dir():  # the exact model that encoded the index, even if a newer one exists
             versioned = model_version_folder(base, read_manifest(index_dir)["model_version"])
             model_dir = versioned if versioned.is_dir() else model_dir
-        return cls.from_paths(model_dir, index_dir)
+        searcher = cls.from_paths(model_dir, index_dir)
+        searcher.diagnoses = read_diagnoses(diagnosis_file(data_dir))
+        return searcher
 
     @staticmethod
     def _check_options(k: int, mode: str, unit: str = "nodule") -> None:
@@ -394,6 +412,23 @@ class NoduleSearcher:
             lungs = segment_lungs(series.hu, series.spacing_mm)
         image = roi_at(series.hu, lungs, centre)
         return self.search_roi(image, k, mode, exclude_patient, source=str(series.folder), unit=unit)
+
+
+def diagnosis_file(data_dir: Path) -> Path:
+    """Where ``nodule_diagnosis`` keeps its match table."""
+    return artefact_folder(artefacts_dir(data_dir.resolve()), ["nodule_diagnosis"]) / TABLE_FILE
+
+
+def read_diagnoses(path: Path) -> dict[str, dict[str, str] | None]:
+    """The confirmed diagnosis of each library nodule the sheet matched ({} before the sheet was
+    read; a table that cannot be read is an error naming it)."""
+    if not path.exists():
+        return {}
+    try:
+        table = pd.read_parquet(path)
+        return {str(row["nodule_id"]): diagnosis_json(row) for row in table.to_dict("records")}
+    except (OSError, ValueError, KeyError) as error:
+        raise InputDataError(f"the nodule diagnoses cannot be read ({error})", path=path) from None
 
 
 def _query_patient(series_dir: Path) -> str:

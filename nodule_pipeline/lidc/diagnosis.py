@@ -342,3 +342,27 @@ def _require_columns(table: pd.DataFrame, names: Sequence[str], what: str) -> No
     missing = [name for name in names if name not in table.columns]
     if missing:
         raise InputDataError(f"{what} lacks column(s) {', '.join(missing)}")
+
+
+SHEET_PATTERN = "*diagnosis*.xls"
+"""How the sheet is found at the scan root: TCIA names it ``tcia-diagnosis-data-2012-04-20.xls``."""
+
+
+def find_diagnosis_sheet(scan_root: Path, given: str | Path | None = None) -> Path | None:
+    """The diagnosis sheet to read: ``given`` (which must exist), else the one ``*diagnosis*.xls``
+    at the scan root (beside TCIA's ``metadata.csv``), else None: the pipeline runs without it."""
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise InputDataError("diagnosis sheet not found" if not path.exists() else "not a file", path=path)
+        return path
+    found = sorted(path for path in Path(scan_root).glob(SHEET_PATTERN) if path.is_file()) if scan_root else []
+    if len(found) > 1:
+        names = ", ".join(path.name for path in found)
+        raise InputDataError(f"several diagnosis sheets at the scan root ({names}): name one", path=scan_root)
+    return found[0] if found else None
+
+
+def empty_sheet() -> pd.DataFrame:
+    """The sheet's table when there is no sheet: no patient has a known diagnosis."""
+    return _frame([], COLUMNS, objects=("patient_id", "level", "diagnosis", "method", "primary_site"))

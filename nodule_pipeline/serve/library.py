@@ -21,7 +21,7 @@ import pandas as pd
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.index import MANIFEST, IndexFormatError
 from nodule_pipeline.hashing.search import SearchHit, prepare_search
-from nodule_pipeline.hashing.searcher import NoduleSearcher, SearchResponse
+from nodule_pipeline.hashing.searcher import NoduleSearcher, SearchResponse, diagnosis_file
 from nodule_pipeline.lidc.annotations import CHARACTERISTICS
 from nodule_pipeline.pictures import roi_png
 from nodule_pipeline.storage import artefact_folder, artefacts_dir
@@ -47,6 +47,7 @@ class Library:
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir.resolve()
         self.manifest = artefact_folder(artefacts_dir(self.data_dir), ["hash_index"]) / MANIFEST
+        self.diagnoses = diagnosis_file(self.data_dir)
         self._lock = threading.Lock()
         self._searcher: NoduleSearcher | None = None
         self._stamp: object = _UNSEEN
@@ -63,13 +64,18 @@ class Library:
             raise LibraryUnavailable(self._problem)
         return self._searcher
 
-    def _manifest_stamp(self) -> tuple[int, int, int] | None:
-        """Identity of the index manifest: a re-materialized index is a new folder, so a new inode."""
-        try:
-            info = os.stat(self.manifest)
-        except OSError:
-            return None
-        return info.st_ino, info.st_mtime_ns, info.st_size
+    def _manifest_stamp(self) -> tuple[tuple[int, int, int] | None, ...] | None:
+        """Identity of the index manifest (a re-materialized index is a new folder, so a new
+        inode) and of the nodule diagnoses, which change on their own."""
+        stamps = []
+        for path in (self.manifest, self.diagnoses):
+            try:
+                info = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((info.st_ino, info.st_mtime_ns, info.st_size))
+        return None if stamps[0] is None else tuple(stamps)
 
     def _load(self, stamp: object) -> None:
         try:
@@ -118,6 +124,7 @@ def item_json(searcher: NoduleSearcher, row: int) -> dict[str, Any]:
         "characteristics": {name: _plain(item[name]) for name in CHARACTERISTICS if name in present},
         **{name: _plain(item[name]) for name in PROVENANCE_COLUMNS if name in present},
         "thumbnail_url": thumbnail_url(str(item["nodule_id"]), item.get("annotation_id")),
+        "diagnosis": searcher.diagnoses.get(str(item["nodule_id"])),
     }
 
 
@@ -132,6 +139,7 @@ def nodule_json(searcher: NoduleSearcher, nodule_id: str) -> dict[str, Any]:
         "label": annotations[0]["label"],
         "malignancy": annotations[0]["malignancy"],
         "thumbnail_url": annotations[0]["thumbnail_url"],
+        "diagnosis": annotations[0]["diagnosis"],
         "annotations": annotations,
     }
 

@@ -172,9 +172,13 @@ function hitCard(hit) {
   title.append(element("span", "", `#${hit.rank}`), element("span", `badge ${label}`, label));
   const ratings = element("details");
   ratings.append(element("summary", "", "readers' characteristics"), ratingList(hit.characteristics));
+  const confirmed = hit.diagnosis
+    ? element("p", "confirmed", `confirmed: ${hit.diagnosis.value} (${hit.diagnosis.method}${hit.diagnosis.level === "patient" ? ", the patient's diagnosis" : ""})`)
+    : element("p", "confirmed unknown", "no confirmed diagnosis");
   card.append(
     picture,
     title,
+    confirmed,
     facts([
       ["nodule", hit.nodule_id],
       ["patient", hit.patient_id],
