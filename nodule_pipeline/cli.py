@@ -180,6 +180,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         response = searcher.search_dicom(Path(args.dicom), voxel=voxel, position_mm=position, **options)
     hits = response.hits
+    for warning in response.warnings:  # on stderr: --json output stays the list of hits
+        print(f"warning: {warning.message}", file=sys.stderr)
     if args.picture:  # first, so that an unwritable picture fails before anything is printed
         rois = searcher.index.rois
         blank = np.full((32, 32), -1024, dtype=np.float32)

@@ -39,14 +39,16 @@ from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.errors import InputDataError, check_safe_key
 from nodule_pipeline.hashing.report import REPORT_JSON
 from nodule_pipeline.ingest_summary import PatientIngest, summarise_ingestion
+from nodule_pipeline.lidc.diagnosis import find_diagnosis_sheet, sheet_fingerprint
 from nodule_pipeline.partitions import patients_partitions
-from nodule_pipeline.resources import ScanSource, remember_lidc_root
+from nodule_pipeline.resources import ScanSource, default_diagnosis_sheet, remember_lidc_root
 from nodule_pipeline.storage import artefact_folder, artefacts_dir, owner_died, owner_tag, reports_dir
 
 PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
 """Runs print only the assets' own messages (epochs, warnings), not Dagster's event stream."""
 LIBRARY_ASSET_NAMES = ("roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
 INGESTION_ASSET_NAMES = ("lidc_scan", "lung_mask", "nodule_rois")
+DIAGNOSIS_ASSET_NAMES = ("lidc_diagnosis", "nodule_diagnosis")
 INSTANCE_YAML = """\
 telemetry:
   enabled: false
@@ -279,8 +281,9 @@ def run_pipeline(
         progress("library: up to date (no new ROIs, same code and settings), skipped")
         summary.library_ok, summary.library_skipped = True, True
         summary.library_metadata = {name: _short_values(metadata_of(latest_record(instance, name))) for name in names}
-        summary.diagnosis = attach_diagnosis(defs, instance, tags)
-        progress(f"diagnosis: {summary.diagnosis}")
+        if not diagnosis_is_current(instance, defs, data_dir, scans.root, diagnosis_sheet):
+            summary.diagnosis = attach_diagnosis(defs, instance, tags)
+            progress(f"diagnosis: {summary.diagnosis}")
         return summary
     progress("library: roi_dataset (split), hash_model (training), hash_index, retrieval_evaluation")
     ops = {"hash_model": {"config": training or {}}}
@@ -303,6 +306,21 @@ def run_pipeline(
     summary.diagnosis = attach_diagnosis(defs, instance, tags)
     progress(f"diagnosis: {summary.diagnosis}")
     return summary
+
+
+def diagnosis_is_current(
+    instance: DagsterInstance, defs: Definitions, data_dir: Path, lidc_root: str, given: Path | None
+) -> bool:
+    """The diagnosis assets are current: today's code, newer than roi_dataset, from the same sheet."""
+    for name in DIAGNOSIS_ASSET_NAMES:
+        if not is_current(instance, defs, artefact_folder(artefacts_dir(data_dir), [name]), name):
+            return False
+    try:
+        sheet = find_diagnosis_sheet(Path(lidc_root), given or default_diagnosis_sheet(data_dir) or None)
+        fingerprint = sheet_fingerprint(sheet)
+    except (InputDataError, OSError):
+        return False  # its run says why
+    return metadata_of(latest_record(instance, "lidc_diagnosis")).get("sheet_fingerprint") == fingerprint
 
 
 def attach_diagnosis(defs: Definitions, instance: DagsterInstance, tags: dict[str, str]) -> str:

@@ -103,6 +103,16 @@ def test_a_bad_file_shows_the_error_and_a_good_one_searches(page) -> None:
     expect(error).to_be_hidden()
     expect(page.locator("#query")).to_contain_text("query: roi.npy")
     expect(page.locator("#hits > li").first).to_be_visible()
+    expect(page.locator("#warnings")).to_be_hidden()
+
+    air = io.BytesIO()
+    np.save(air, np.full((32, 32), -1000.0, dtype=np.float32))
+    files.set_input_files(files=[{"name": "air.npy", "mimeType": "application/octet-stream", "buffer": air.getvalue()}])
+    expect(page.locator("#query")).to_contain_text("query: air.npy")
+    expect(page.locator("#warnings")).to_contain_text("no tissue at the centre of the ROI")
+    page.screenshot(path=SCREENSHOTS / "05-air-warning.png", full_page=True)
+    search_for(page, QUERY)
+    expect(page.locator("#warnings")).to_be_hidden()
 
 
 def test_click_the_nodule_on_an_uploaded_series(page, search_page: SearchServer, lidc_sample: Path, tmp_path: Path):

@@ -17,6 +17,7 @@ from nodule_pipeline.lidc.diagnosis import (
     find_diagnosis_sheet,
     match_diagnoses,
     read_diagnosis_sheet,
+    sheet_fingerprint,
 )
 from nodule_pipeline.resources import ScanSource
 
@@ -29,13 +30,15 @@ def lidc_diagnosis(context: AssetExecutionContext, scan_source: ScanSource) -> O
     path = find_diagnosis_sheet(Path(scan_source.root), scan_source.diagnosis_sheet or None)
     if path is None:
         context.log.info("no diagnosis sheet (*diagnosis*.xls) at the scan root: hits carry no confirmed diagnosis")
-        return Output(empty_sheet(), metadata={"source": "none", "patients": 0, "listed_nodules": 0})
+        metadata = {"source": "none", "sheet_fingerprint": sheet_fingerprint(None), "patients": 0, "listed_nodules": 0}
+        return Output(empty_sheet(), metadata=metadata)
     table = read_diagnosis_sheet(path)
     patients = table[table["level"] == "patient"]
     return Output(
         table,
         metadata={
             "source": path.name,
+            "sheet_fingerprint": sheet_fingerprint(path),
             "patients": len(patients),
             "listed_nodules": int((table["level"] == "nodule").sum()),
             "patient_diagnoses": MetadataValue.json(_counts(patients["diagnosis"])),

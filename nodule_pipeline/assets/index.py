@@ -20,6 +20,7 @@ from nodule_pipeline.assets.refresh import WHEN_DATASET_OR_MODEL_CHANGES
 from nodule_pipeline.concurrency import INDEX_POOL
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.index import HashIndex, build_index, bytes_per_item
+from nodule_pipeline.hashing.query_checks import reference_from_index
 from nodule_pipeline.hashing.search import fold_hits, nodule_of_rows, rows_for_nodules, search
 from nodule_pipeline.hashing.training import encode
 from nodule_pipeline.pictures import markdown_image, search_results
@@ -67,7 +68,7 @@ def example_pictures(index, model, queries: pd.DataFrame, k: int = 6) -> str:
 
 @asset(
     group_name="hashing",
-    code_version="2",
+    code_version="3",  # 3: the far-query reference stored with the index
     kinds={"numpy"},
     pool=INDEX_POOL,
     automation_condition=WHEN_DATASET_OR_MODEL_CHANGES,
@@ -100,6 +101,8 @@ def hash_index(
             "model_measured": hash_model.measured,
         },
     )
+    # how far the library's own nodules are from their nearest hit: a query farther is warned of
+    index.lineage["query_reference"] = reference_from_index(index)
     labels = index.labels
     queries = roi_dataset[roi_dataset[SPLIT_COLUMN] == TEST]
     return Output(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from nodule_pipeline import privacy
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
+from nodule_pipeline.hashing.query_checks import QueryWarning, distance_warnings, image_warnings, outside_lungs_warning
 from nodule_pipeline.hashing.search import (
     TIE_KEY_COLUMNS,
     BatchResult,
@@ -60,6 +61,8 @@ class SearchResponse:
     malignant_probability: float
     hits: list[SearchHit]
     unit: str = "nodule"
+    warnings: list[QueryWarning] = field(default_factory=list)
+    """Why the query may be no nodule (air, not HU, unlike the whole library); empty when all is well."""
 
     def as_text(self, index_version: str, diagnoses: dict[str, dict[str, str] | None] | None = None) -> str:
         """The results as a small table for a terminal: the readers' label and rating (suspicion),
@@ -303,7 +306,12 @@ class NoduleSearcher:
         )
         if unit == "nodule":
             hits = fold_hits(hits, self.nodule_of_row, k)
-        return SearchResponse(roi, predicted, float(encoded.probs[0, 1]), hits, unit)
+        warnings = image_warnings(roi) + distance_warnings(
+            min((hit.hamming for hit in hits), default=None),
+            min((hit.euclidean for hit in hits if hit.euclidean is not None), default=None),
+            self.index.lineage.get("query_reference"),
+        )
+        return SearchResponse(roi, predicted, float(encoded.probs[0, 1]), hits, unit, warnings)
 
     def nodule_rows(self, nodule_id: str) -> np.ndarray:
         """The index rows of a library nodule (one per reader annotation), by annotation id where
@@ -411,7 +419,9 @@ class NoduleSearcher:
         if lungs is None:
             lungs = segment_lungs(series.hu, series.spacing_mm)
         image = roi_at(series.hu, lungs, centre)
-        return self.search_roi(image, k, mode, exclude_patient, source=str(series.folder), unit=unit)
+        response = self.search_roi(image, k, mode, exclude_patient, source=str(series.folder), unit=unit)
+        response.warnings[:0] = outside_lungs_warning(bool(lungs[centre]))
+        return response
 
 
 def diagnosis_file(data_dir: Path) -> Path:

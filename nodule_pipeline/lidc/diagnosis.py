@@ -8,6 +8,7 @@ whether it is the nodule's own diagnosis or the patient's.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import struct
@@ -366,3 +367,10 @@ def find_diagnosis_sheet(scan_root: Path, given: str | Path | None = None) -> Pa
 def empty_sheet() -> pd.DataFrame:
     """The sheet's table when there is no sheet: no patient has a known diagnosis."""
     return _frame([], COLUMNS, objects=("patient_id", "level", "diagnosis", "method", "primary_site"))
+
+
+def sheet_fingerprint(path: Path | None) -> str:
+    """The identity of the sheet read ("none" without one): a run reads it again only when it changed."""
+    if path is None:
+        return "none"
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -213,6 +213,7 @@ def response_json(searcher: NoduleSearcher, response: SearchResponse, query: dic
             "malignant_probability": response.malignant_probability,
             "picture": f"data:image/png;base64,{picture}",
         },
+        "warnings": [warning.to_json() for warning in response.warnings],
         "class_fallback": any(hit.class_fallback for hit in response.hits),
         "unit": response.unit,
         "hits": [hit_json(searcher, hit, response.unit) for hit in response.hits],

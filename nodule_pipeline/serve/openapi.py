@@ -293,9 +293,24 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                             "description": "what was asked, predicted label, p(malignant), the ROI as a PNG data URL",
                         },
                         "class_fallback": {"type": "boolean"},
+                        "unit": {"type": "string", "enum": list(UNITS)},
+                        "warnings": {
+                            "type": "array",
+                            "description": "why the query may be no nodule (empty when all is well)",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "code": {
+                                        "type": "string",
+                                        "enum": ["no_tissue", "not_hu", "far_from_library", "outside_lungs"],
+                                    },
+                                    "message": {"type": "string"},
+                                },
+                            },
+                        },
                         "hits": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}},
                     },
-                    "required": ["index_version", "model_version", "query", "class_fallback", "hits"],
+                    "required": ["index_version", "model_version", "query", "class_fallback", "warnings", "hits"],
                 },
                 "Series": {
                     "type": "object",

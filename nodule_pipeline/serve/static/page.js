@@ -210,6 +210,9 @@ function render(answer) {
   figure.className = `card query ${predicted}`;
   $("hits").replaceChildren(...answer.hits.map(hitCard));
   $("fallback").hidden = !answer.class_fallback;
+  const warnings = answer.warnings || [];
+  $("warnings").replaceChildren(...warnings.map((warning) => element("li", warning.code, warning.message)));
+  $("warnings").hidden = !warnings.length;
   $("results").hidden = false;
   if (!answer.hits.length) showError("no library nodule to show (the library holds only this patient's nodules?)");
 }
