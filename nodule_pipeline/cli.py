@@ -212,14 +212,29 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_evaluate_rois(args: argparse.Namespace) -> int:
     """Train, index and evaluate on any ROI table of the contract (patient-level split)."""
     from nodule_pipeline.hashing.evaluation import EvaluationConfig, evaluate
-    from nodule_pipeline.hashing.report import leakage_summary, reader_agreement_summary, write_report
+    from nodule_pipeline.hashing.report import (
+        leakage_summary,
+        pathology_summary,
+        reader_agreement_summary,
+        write_report,
+    )
     from nodule_pipeline.roi_table import assign_split, read_roi_table
 
     table = assign_split(read_roi_table(Path(args.rois)), mode="patient", seed=args.split_seed)
+    diagnosis = None
+    if args.diagnosis:
+        from nodule_pipeline.lidc.diagnosis import read_diagnosis_sheet
+
+        diagnosis = read_diagnosis_sheet(Path(args.diagnosis))
     profile = "quick" if args.quick else "full"
     config = EvaluationConfig.profile(profile, bits=args.bits, epochs=args.epochs, seeds=args.seeds)
     started = time.perf_counter()
-    evaluation = evaluate(table, config, log=lambda line: print(f"[{time.perf_counter() - started:6.0f} s] {line}"))
+    evaluation = evaluate(
+        table,
+        config,
+        log=lambda line: print(f"[{time.perf_counter() - started:6.0f} s] {line}"),
+        diagnosis=diagnosis,
+    )
     files = write_report(evaluation, Path(args.out))
     report = evaluation.report
     ours, spread = report["ours"], report["ours"]["spread"]["map_at_10"]
@@ -235,6 +250,8 @@ def cmd_evaluate_rois(args: argparse.Namespace) -> int:
     )
     print(f"{leakage_summary(report.get('leakage')) or 'leakage not measured'}")
     print(reader_agreement_summary(report.get("reader_agreement")))
+    if report.get("pathology"):
+        print(pathology_summary(report["pathology"]))
     print(f"report: {files['markdown']} ({time.perf_counter() - started:.0f} s)")
     return 0
 
@@ -424,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--epochs", type=int)
     evaluate.add_argument("--seeds", type=int)
     evaluate.add_argument("--split-seed", type=int, default=0)
+    evaluate.add_argument(
+        "--diagnosis",
+        metavar="FILE",
+        help="TCIA's diagnosis spreadsheet (.xls): add how often the readers and ours agree with it (pathology)",
+    )
     evaluate.add_argument(
         "--quick", action="store_true", help="12 epochs, two bit sizes, no Table 2 variants, 3 seeds a split (minutes)"
     )

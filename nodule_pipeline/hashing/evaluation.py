@@ -49,6 +49,7 @@ from nodule_pipeline.hashing.metrics import (
     retrieval_metrics,
 )
 from nodule_pipeline.hashing.network import VARIANTS, NetworkConfig, normalise_rois
+from nodule_pipeline.hashing.pathology import pathology
 from nodule_pipeline.hashing.search import rank_by_distance, rank_by_hamming, search_batch, stable_keys
 from nodule_pipeline.hashing.searcher import NoduleSearcher
 from nodule_pipeline.hashing.training import Encoded, TrainConfig, classification_metrics, encode, train_hash_model
@@ -319,11 +320,13 @@ def evaluate(
     recipe: TrainConfig | None = None,
     network: NetworkConfig | None = None,
     deployed: Deployed | None = None,
+    diagnosis: pd.DataFrame | None = None,
 ) -> Evaluation:
     """The whole report on a ROI table (with a ``split`` column, or split by patient here).
 
     ``recipe``/``network``: how the study trains (the deployed model's, when there is one; else
-    the defaults); ``deployed``: the model and index users search, the report's headline.
+    the defaults); ``deployed``: the model and index users search, the report's headline;
+    ``diagnosis``: TCIA's diagnosis sheet (its table), for the ``pathology`` section.
     """
     recipe = recipe or TrainConfig()
     network = network or NetworkConfig()
@@ -412,6 +415,8 @@ def evaluate(
         "reader_agreement": _reader_agreement(test, predictions),
         "config": asdict(config),
     }
+    if diagnosis is not None:
+        report["pathology"] = pathology(table, diagnosis, study.recipe, network, log=log)
     if deployed is not None and deployed.searcher.index.rois is not None:
         index = deployed.searcher.index
         shown = index.items.assign(label=np.asarray(index.labels), image=list(index.rois.reshape(len(index), -1)))

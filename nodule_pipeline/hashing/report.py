@@ -113,6 +113,50 @@ def _reader_agreement_section(agreement: dict[str, Any]) -> list[str]:
     ]
 
 
+def pathology_summary(section: dict[str, Any] | None) -> str | None:
+    """One line of the pathology section for the command line (None without a diagnosis sheet)."""
+    if not section:
+        return None
+    if "skipped" in section:
+        return f"against the confirmed diagnosis: {section['skipped']}"
+    readers, ours = section["readers"], section["ours"]
+    return (
+        f"against the confirmed diagnosis ({section['matched_nodules']} nodules): readers agree "
+        f"{_pct(readers['agreement'])} [{_pct(readers['low'])}-{_pct(readers['high'])}], ours (out of fold) "
+        f"{_pct(ours['agreement'])} [{_pct(ours['low'])}-{_pct(ours['high'])}], P@10 "
+        f"{_pct(section['retrieval']['p_at_10'])}"
+    )
+
+
+def _pathology_section(section: dict[str, Any]) -> list[str]:
+    """What the nodules really were (TCIA's diagnosis sheet) against the readers' label and ours."""
+    lines = [
+        "## Against the confirmed diagnosis",
+        f"{section['matched_nodules']} nodules of {section['matched_patients']} patients have a confirmed diagnosis "
+        f"under the matching rule: {section['rule']} {section['note']}",
+    ]
+    if "skipped" in section:
+        return [*lines, section["skipped"]]
+
+    def row(name: str, figure: dict[str, Any]) -> list[str]:
+        return [name, _pct(figure["agreement"]), f"{_pct(figure['low'])}-{_pct(figure['high'])}", str(figure["n"])]
+
+    retrieval = section["retrieval"]
+    return [
+        *lines,
+        _table(
+            ["label", "agrees with the diagnosis", "95% interval", "nodules"],
+            [
+                row("readers' malignancy rating (median)", section["readers"]),
+                row("ours (out of fold)", section["ours"]),
+            ],
+        ),
+        f"Ours is scored out of fold ({section['folds']} patient folds: each nodule by a model that never saw its "
+        f"patient). Search by our codes among the other patients' matched nodules: P@10 {_pct(retrieval['p_at_10'])} "
+        f"over {retrieval['n_queries']} queries (relevant: {retrieval['relevance']}).",
+    ]
+
+
 def _deployed_section(deployed: dict[str, Any]) -> list[str]:
     modes = deployed["modes"]
     rows = [[mode, _pct(m["p_at_10"]), _pct(m["map_at_k"]["10"]), _pct(m["ndcg_at_10"])] for mode, m in modes.items()]
@@ -184,6 +228,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += _deployed_section(report["deployed"])
     if report.get("reader_agreement"):
         parts += _reader_agreement_section(report["reader_agreement"])
+    if report.get("pathology"):
+        parts += _pathology_section(report["pathology"])
     parts += [
         "## Comparison study",
         f"Every method below was trained from scratch on the training split (split **{report['split_mode']}**, "

@@ -1,0 +1,108 @@
+"""The report's ``pathology`` section: how often the readers' label and ours agree with the
+confirmed diagnosis, with Wilson intervals, ours out of fold, and a search by our codes against it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nodule_pipeline.hashing.network import NetworkConfig
+from nodule_pipeline.hashing.pathology import pathology, wilson
+from nodule_pipeline.hashing.training import TrainConfig
+from nodule_pipeline.lidc.diagnosis import MATCHING_RULE
+from nodule_pipeline_tests.test_diagnosis import _sheet
+from nodule_pipeline_tests.test_hashing_network import SMALL
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_wilson_intervals_match_the_textbook() -> None:
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+
+
+def _table(patients: int = 12, readers: int = 3) -> pd.DataFrame:
+    """One nodule a patient, read by ``readers`` readers (a row each); the readers call patient p
+    malignant when p is odd: a bright solid blob, else a faint ring."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    radius = np.hypot(yy - 16, xx - 16)
+    rows = []
+    for p in range(1, patients + 1):
+        label = p % 2
+        for _ in range(readers):
+            image = np.full((32, 32), -850.0) + rng.normal(0, 30, (32, 32))
+            if label:
+                image[radius < 6] = 40
+            else:
+                image[(radius > 6) & (radius < 8)] = -400
+            rows.append(
+                {
+                    "patient_id": f"LIDC-IDRI-{p:04d}",
+                    "nodule_id": f"LIDC-IDRI-{p:04d}-N01",
+                    "label": np.int8(label),
+                    "image": image.astype(np.float32).reshape(-1),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_the_section_scores_the_readers_and_ours_against_the_diagnosis() -> None:
+    table = _table()
+    # six patients diagnosed at nodule level: the readers' call agrees on four (1, 2, 3, 4), not on 5 and 6
+    sheet = _sheet(
+        ("LIDC-IDRI-0001", 2, [2]),
+        ("LIDC-IDRI-0002", 1, [1]),
+        ("LIDC-IDRI-0003", 3, [3]),
+        ("LIDC-IDRI-0004", 1, [1]),
+        ("LIDC-IDRI-0005", 1, [1]),
+        ("LIDC-IDRI-0006", 2, [2]),
+        ("LIDC-IDRI-0007", 0, []),  # unknown: not matched
+    )
+    recipe = TrainConfig(epochs=2, batch_size=8, num_threads=1)
+    section = pathology(table, sheet, recipe, NetworkConfig(bits=32, **SMALL), folds=3)
+    assert section["rule"] == MATCHING_RULE
+    assert (section["matched_patients"], section["matched_nodules"], section["folds"]) == (6, 6, 3)
+    assert section["readers"]["n"] == 6 and section["readers"]["agreement"] == pytest.approx(4 / 6)
+    assert (section["readers"]["low"], section["readers"]["high"]) == pytest.approx(wilson(4, 6))
+    assert section["ours"]["n"] == 6 and 0 <= section["ours"]["agreement"] <= 1
+    assert section["retrieval"]["n_queries"] == 6 and 0 <= section["retrieval"]["p_at_10"] <= 1
+    markdown = render_markdown_section(section)
+    assert "## Against the confirmed diagnosis" in markdown and "ours (out of fold)" in markdown
+
+
+def test_too_few_matches_are_said_not_scored() -> None:
+    section = pathology(_table(4), _sheet(("LIDC-IDRI-0001", 2, [2])), TrainConfig(epochs=1), NetworkConfig())
+    assert section["matched_nodules"] == 1 and section["skipped"] == "1 nodule(s) matched: nothing to score"
+
+
+def render_markdown_section(section: dict) -> str:
+    """The report's markdown for a report holding only this section (and what every report has)."""
+    from nodule_pipeline.hashing.report import _pathology_section
+
+    return "\n".join(_pathology_section(section))
+
+
+def test_evaluate_adds_the_section_and_the_report_shows_it() -> None:
+    from dataclasses import replace
+
+    from nodule_pipeline.hashing.evaluation import EvaluationConfig, evaluate
+    from nodule_pipeline.hashing.report import pathology_summary, render_markdown
+
+    table = _table(patients=16)
+    sheet = _sheet(*[(f"LIDC-IDRI-{p:04d}", 1 + p % 2, [1 + p % 2]) for p in range(1, 9)])
+    config = replace(
+        EvaluationConfig.quick(epochs=1, seeds=1),
+        hashing_baselines=(),
+        classifier_baselines=(),
+        bits_sweep=(),
+        variants=(),
+        leakage=False,
+    )
+    recipe = TrainConfig(epochs=1, batch_size=8, num_threads=1)
+    report = evaluate(table, config, recipe=recipe, network=NetworkConfig(bits=32, **SMALL), diagnosis=sheet).report
+    section = report["pathology"]
+    assert section["matched_nodules"] == 8 and section["readers"]["agreement"] == 1.0  # the sheet says what they say
+    assert "## Against the confirmed diagnosis" in render_markdown(report)
+    assert pathology_summary(section).startswith("against the confirmed diagnosis (8 nodules): readers agree 100.0")
