@@ -33,26 +33,33 @@ METHOD_FIELDS = {"map_at_k", "p_at_10", "precision_at_10", "recall_at_10", "f1_a
 CLASSIFIER_FIELDS = {"accuracy", "recall", "f1"}
 
 
+_RADIUS = np.hypot(*(np.mgrid[:32, :32] - 16))
+
+
+def blob_or_ring(label: int, rng: np.random.Generator) -> np.ndarray:
+    """A separable ROI in HU on noisy aerated lung: a solid bright blob (malignant) or a faint ring."""
+    image = np.full((32, 32), -850.0) + rng.normal(0, 30, (32, 32))
+    if label:
+        image[_RADIUS < rng.uniform(5, 8)] = 40
+    else:
+        image[(_RADIUS > 6) & (_RADIUS < 8)] = -400
+    return image.astype(np.float32)
+
+
 def _separable_table(patients: int = 14, per_patient: int = 8, seed: int = 0) -> pd.DataFrame:
     """Solid bright blobs (malignant) against faint rings (benign), in HU, with ratings."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:32, :32]
-    radius = np.hypot(yy - 16, xx - 16)
     rows = []
     for p in range(patients):
         for r in range(per_patient):
             label = (p + r) % 2
-            image = np.full((32, 32), -850.0) + rng.normal(0, 30, (32, 32))
-            if label:
-                image[radius < rng.uniform(5, 8)] = 40
-            else:
-                image[(radius > 6) & (radius < 8)] = -400
+            image = blob_or_ring(label, rng)
             rows.append(
                 {
                     "patient_id": f"P{p:02d}",
                     "nodule_id": f"P{p:02d}-N{r}",
                     "label": np.int8(label),
-                    "image": image.astype(np.float32).reshape(-1),
+                    "image": image.reshape(-1),
                     "malignancy": 4.0 + label if label else 1.5,
                     "texture": 5 if label else 2,
                 }

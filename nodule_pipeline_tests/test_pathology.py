@@ -12,6 +12,7 @@ from nodule_pipeline.hashing.pathology import pathology, wilson
 from nodule_pipeline.hashing.training import TrainConfig
 from nodule_pipeline.lidc.diagnosis import MATCHING_RULE
 from nodule_pipeline_tests.test_diagnosis import _sheet
+from nodule_pipeline_tests.test_evaluation import blob_or_ring
 from nodule_pipeline_tests.test_hashing_network import SMALL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,23 +27,17 @@ def _table(patients: int = 12, readers: int = 3) -> pd.DataFrame:
     """One nodule a patient, read by ``readers`` readers (a row each); the readers call patient p
     malignant when p is odd: a bright solid blob, else a faint ring."""
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:32, :32]
-    radius = np.hypot(yy - 16, xx - 16)
     rows = []
     for p in range(1, patients + 1):
         label = p % 2
         for _ in range(readers):
-            image = np.full((32, 32), -850.0) + rng.normal(0, 30, (32, 32))
-            if label:
-                image[radius < 6] = 40
-            else:
-                image[(radius > 6) & (radius < 8)] = -400
+            image = blob_or_ring(label, rng)
             rows.append(
                 {
                     "patient_id": f"LIDC-IDRI-{p:04d}",
                     "nodule_id": f"LIDC-IDRI-{p:04d}-N01",
                     "label": np.int8(label),
-                    "image": image.astype(np.float32).reshape(-1),
+                    "image": image.reshape(-1),
                 }
             )
     return pd.DataFrame(rows)
