@@ -66,13 +66,18 @@ def test_pick_a_nodule_and_see_its_matches(page, search_page: SearchServer) -> N
     expect(page.locator("#query")).to_contain_text(f"query: {QUERY}")
     for card, hit in zip(cards.all(), answer["hits"]):
         label = "malignant" if hit["label"] else "benign"
-        expect(card.locator(".badge")).to_have_text(label)
+        expect(card.locator(".badge")).to_have_text(f"readers: {label}")
         for text in (f"#{hit['rank']}", hit["nodule_id"], hit["patient_id"], f"{hit['malignancy']:g}"):
             expect(card).to_contain_text(text)
         expect(card).to_contain_text(re.compile(rf"Hamming\s*{hit['hamming']}(?!\d)"))
         expect(card).to_contain_text(re.compile(rf"Euclidean\s*{hit['euclidean']:.3f}"))
         card.get_by_text("readers' characteristics").click()
         expect(card.get_by_text("spiculation")).to_be_visible()
+        calcification = hit["characteristics"]["calcification"]
+        words = {1: "popcorn", 2: "laminated", 3: "solid", 4: "non-central", 5: "central", 6: "absent"}
+        expect(card).to_contain_text(f"{calcification:g} {words[int(calcification)]}")
+    page.get_by_text("Legend").click()
+    expect(page.locator("#legend")).to_contain_text("red frame: the readers rated this annotation malignant")
     expect(page.locator("#fallback")).to_be_hidden()
     expect_pictures_shown(page)
     page.screenshot(path=SCREENSHOTS / "01-nodule-matches.png", full_page=True)

@@ -9,6 +9,20 @@ const CHARACTERISTICS = [
   ["sphericity", "sphericity"], ["margin", "margin"], ["lobulation", "lobulation"],
   ["spiculation", "spiculation"], ["texture", "texture"], ["malignancy", "malignancy"],
 ];
+// LIDC's words for each rating (the readers' scale; malignancy is their suspicion, not a diagnosis).
+const SCALES = {
+  subtlety: { 1: "extremely subtle", 2: "moderately subtle", 3: "fairly subtle", 4: "moderately obvious", 5: "obvious" },
+  internalStructure: { 1: "soft tissue", 2: "fluid", 3: "fat", 4: "air" },
+  calcification: { 1: "popcorn", 2: "laminated", 3: "solid", 4: "non-central", 5: "central", 6: "absent" },
+  sphericity: { 1: "linear", 3: "ovoid", 5: "round" },
+  margin: { 1: "poorly defined", 5: "sharp" },
+  lobulation: { 1: "none", 5: "marked" },
+  spiculation: { 1: "none", 5: "marked" },
+  texture: { 1: "non-solid (ground glass)", 3: "part solid", 5: "solid" },
+  malignancy: {
+    1: "highly unlikely", 2: "moderately unlikely", 3: "indeterminate", 4: "moderately suspicious", 5: "highly suspicious",
+  },
+};
 let series = null; // the uploaded DICOM series being viewed
 
 async function api(url, options = {}) {
@@ -146,7 +160,8 @@ function ratingList(characteristics) {
   const list = element("dl");
   for (const [key, name] of CHARACTERISTICS) {
     if (!(key in characteristics)) continue;
-    list.append(element("dt", "", name), element("dd", "", rating(characteristics[key])));
+    const word = (SCALES[key] || {})[characteristics[key]];
+    list.append(element("dt", "", name), element("dd", "", rating(characteristics[key]) + (word ? ` ${word}` : "")));
   }
   return list;
 }
@@ -169,7 +184,9 @@ function hitCard(hit) {
   picture.src = hit.thumbnail_url;
   picture.alt = `ROI of ${hit.nodule_id}`;
   const title = element("div", "title");
-  title.append(element("span", "", `#${hit.rank}`), element("span", `badge ${label}`, label));
+  const badge = element("span", `badge ${label}`, `readers: ${label}`);
+  badge.title = "the readers' malignancy rating of this annotation: 1-2 benign, 4-5 malignant (suspicion, not a diagnosis)";
+  title.append(element("span", "", `#${hit.rank}`), badge);
   const ratings = element("details");
   ratings.append(element("summary", "", "readers' characteristics"), ratingList(hit.characteristics));
   const confirmed = hit.diagnosis
@@ -204,7 +221,7 @@ function render(answer) {
     facts([
       ["predicted", predicted],
       ["p(malignant)", number(query.malignant_probability, 2)],
-      ...(query.kind === "nodule" ? [["label", LABELS[query.label]], ["patient", query.patient_id]] : []),
+      ...(query.kind === "nodule" ? [["readers' label", LABELS[query.label]], ["patient", query.patient_id]] : []),
     ]),
   );
   figure.className = `card query ${predicted}`;
