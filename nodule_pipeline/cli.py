@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
 
     evaluate = commands.add_parser("evaluate-rois", help="train, index and evaluate on any ROI table")
-    evaluate.add_argument("rois", help="ROI table (parquet, the contract of DESIGN.md section 6)")
+    evaluate.add_argument("rois", help="ROI table (parquet; the columns the README's 'The ROI table' lists)")
     evaluate.add_argument("--out", required=True, help="folder for evaluation.json, evaluation.md and figures")
     evaluate.add_argument("--bits", type=int)
     evaluate.add_argument("--epochs", type=int)

@@ -238,7 +238,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"under the same recipe as the deployed model (at most {recipe.get('epochs', '?')} epochs, "
         f"augmentation {'on' if recipe.get('augment') else 'off'}, validation fraction "
         f"{recipe.get('validation_fraction', '?')}); its figures are not the deployed model's. "
-        f"{PAPER_OBJECTIVE_NOTE} Relevance = same ground-truth label; metrics as DESIGN.md section 6 pins them; "
+        f"{PAPER_OBJECTIVE_NOTE} Relevance = the same readers' label; metrics as docs/metrics.md defines them; "
         "equal distances are settled by nodule id. All numbers in percent.",
         "### Classification (Table 2 analogue)",
         _table(["method", "accuracy", "recall (malignant)", "F1 (malignant)"], classification),
