@@ -180,8 +180,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         response = searcher.search_dicom(Path(args.dicom), voxel=voxel, position_mm=position, **options)
     hits = response.hits
-    for warning in response.warnings:  # on stderr: --json output stays the list of hits
-        print(f"warning: {warning.message}", file=sys.stderr)
     if args.picture:  # first, so that an unwritable picture fails before anything is printed
         rois = searcher.index.rois
         blank = np.full((32, 32), -1024, dtype=np.float32)
@@ -196,6 +194,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             Path(args.picture).write_bytes(png)
         except OSError as error:
             raise InputDataError(f"cannot write the picture ({error.strerror or error})", path=args.picture) from None
+    for warning in response.warnings:  # on stderr: --json output stays the list of hits
+        print(f"warning: {warning.message}", file=sys.stderr)
     if args.json:
         printed = []
         for hit in hits:
