@@ -473,3 +473,13 @@ def test_negative_mm_position_from_the_cli(materialized: Path, lidc_sample: Path
     for position in (["--at-mm", f"{x},{y},{z}"], [f"--at-mm={x},{y},{z}"]):
         assert main(common + position) == 0
         assert json.loads(capsys.readouterr().out)
+
+
+def test_a_test_split_nodule_is_named_as_such(materialized: Path) -> None:
+    """The sample's index holds the training side (patient 0003); 0001's nodule is a test query."""
+    searcher = NoduleSearcher.from_data_dir(materialized)
+    assert searcher.left_out_nodules() == {"LIDC-IDRI-0001-N01"}
+    with pytest.raises(InputDataError, match="LIDC-IDRI-0001-N01 is in the test split: the library holds the training"):
+        searcher.search_nodule("LIDC-IDRI-0001-N01")
+    with pytest.raises(InputDataError, match=r"unknown nodule 'LIDC-IDRI-9999-N01': index .* holds no nodule"):
+        searcher.search_nodule("LIDC-IDRI-9999-N01")

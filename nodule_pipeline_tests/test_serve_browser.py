@@ -195,3 +195,22 @@ def test_a_server_with_a_token_asks_the_page_to_sign_in_once(guarded: SearchServ
         expect(page.locator("#provenance")).to_have_text("sign in to search the library")
     finally:
         context.close()
+
+
+def test_no_empty_card_before_a_search_and_the_page_fits_400_px(search_page: SearchServer, browser) -> None:
+    context = browser.new_context(viewport={"width": 400, "height": 900})
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        page.goto(search_page.url + "/")
+        expect(page.locator("#nodule-select option")).not_to_have_count(0)
+        expect(page.locator("#results")).to_be_hidden()
+        expect(page.locator("#query")).to_be_hidden()
+        search_for(page, QUERY)
+        expect(page.locator("#hits > li").first).to_be_visible()
+        expect_pictures_shown(page)
+        width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert width[0] <= width[1], f"the page scrolls sideways at 400 px: {width}"
+        page.screenshot(path=SCREENSHOTS / "07-narrow.png", full_page=True)
+    finally:
+        context.close()

@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from nodule_pipeline import privacy
@@ -233,6 +234,8 @@ class NoduleSearcher:
         self.model, self.index, self.model_version = model, index, model_version
         self._nodule_rows: dict[str, np.ndarray] | None = None
         self.nodule_of_row = nodule_of_rows(index)
+        self.data_dir: Path | None = None
+        self._left_out: set[str] | None = None
         self.diagnoses: dict[str, dict[str, str] | None] = {}
         """Confirmed diagnoses by nodule id, where TCIA's sheet gives one (``nodule_diagnosis``)."""
 
@@ -254,6 +257,7 @@ class NoduleSearcher:
             model_dir = versioned if versioned.is_dir() else model_dir
         searcher = cls.from_paths(model_dir, index_dir)
         searcher.diagnoses = read_diagnoses(diagnosis_file(data_dir))
+        searcher.data_dir = data_dir.resolve()
         return searcher
 
     @staticmethod
@@ -318,10 +322,30 @@ class NoduleSearcher:
         the items have one; an unknown nodule is a clear error."""
         rows = self.rows_by_nodule().get(nodule_id) if isinstance(nodule_id, str) else None
         if rows is None:
+            if isinstance(nodule_id, str) and nodule_id in self.left_out_nodules():
+                raise UnknownNoduleError(
+                    f"{nodule_id} is in the test split: the library holds the training side (materialize "
+                    "hash_index with database 'all' to search every nodule, or query with its image)"
+                )
             raise UnknownNoduleError(
                 f"unknown nodule {nodule_id!r}: index {self.index.index_version} holds no nodule of that id"
             )
         return rows
+
+    def left_out_nodules(self) -> set[str]:
+        """The roi_dataset nodules the index leaves out (the test split, when it holds the training
+        side), so that asking for one says why instead of "unknown"; empty without a data dir."""
+        if self._left_out is None:
+            self._left_out = set()
+            table = (
+                artefact_folder(artefacts_dir(self.data_dir), ["roi_dataset"]) / "rois.parquet"
+                if self.data_dir
+                else None
+            )
+            if table is not None and table.exists():
+                ids = pq.read_table(table, columns=["nodule_id"]).column("nodule_id").to_pylist()
+                self._left_out = {str(nodule) for nodule in ids} - set(self.rows_by_nodule())
+        return self._left_out
 
     def rows_by_nodule(self) -> dict[str, np.ndarray]:
         """Every library nodule's index rows, each ordered by annotation id (the first is the
