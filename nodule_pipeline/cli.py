@@ -128,9 +128,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_export_rois(args: argparse.Namespace) -> int:
     from nodule_pipeline.roi_table import read_roi_table, write_roi_table
-    from nodule_pipeline.storage import artefact_folder, artefacts_dir
+    from nodule_pipeline.storage import roi_dataset_file
 
-    source = artefact_folder(artefacts_dir(Path(args.data_dir).resolve()), ["roi_dataset"]) / "rois.parquet"
+    source = roi_dataset_file(Path(args.data_dir).resolve())
     if not source.exists():
         raise InputDataError("roi_dataset is not materialized yet (run `nodule-pipeline run` first)", path=source)
     table = read_roi_table(source)

@@ -27,6 +27,7 @@ from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
 from nodule_pipeline.lidc.series import CtSeries, open_scan, save_scan
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
 from nodule_pipeline.storage import (
+    ROI_TABLE_FILE,
     TABLE_FILE,
     artefact_folder,
     atomic_write,
@@ -83,8 +84,8 @@ neighbourhoods of ``lidc_scan`` gets volumes that decompress only the rows it in
 def load_artefact(folder: Path, lazy_volumes: bool = False) -> object:
     """Read back whatever :class:`ArtefactIOManager` stored in ``folder`` (a scan's volumes
     decompressed on demand with ``lazy_volumes``, see :func:`open_scan`)."""
-    if (folder / "rois.parquet").exists():
-        return read_roi_table(folder / "rois.parquet")
+    if (folder / ROI_TABLE_FILE).exists():
+        return read_roi_table(folder / ROI_TABLE_FILE)
     if (folder / TABLE_FILE).exists():
         return pd.read_parquet(folder / TABLE_FILE)
     if (folder / "scan.json").exists():
@@ -153,7 +154,7 @@ class ArtefactIOManager(ConfigurableIOManager):
         partition = context.partition_key if context.has_asset_partitions else None
         folder = self._folder(context.asset_key.path, partition)
         if isinstance(obj, pd.DataFrame) and "image" in obj.columns:
-            write_roi_table(obj, folder / "rois.parquet")
+            write_roi_table(obj, folder / ROI_TABLE_FILE)
         elif isinstance(obj, pd.DataFrame):
             atomic_write(folder / TABLE_FILE, lambda tmp: obj.to_parquet(tmp, index=False))
         elif isinstance(obj, ModelArtefact):

@@ -178,12 +178,19 @@ def artefact_folder(base_dir: Path, asset_path: list[str], partition_key: str | 
     return folder / check_safe_key(partition_key, "partition key") if partition_key is not None else folder
 
 
+ROI_TABLE_FILE = "rois.parquet"
+"""Where an asset's ROI table (images and their rows) is stored in its folder."""
 TABLE_FILE = "table.parquet"
 """Where a table that is not a ROI table (no images: the diagnosis sheet, its matches) is stored."""
 
 
 def artefacts_dir(data_dir: Path) -> Path:
     return data_dir / "artefacts"
+
+
+def roi_dataset_file(data_dir: Path) -> Path:
+    """The stored ``roi_dataset`` table of a data dir (every patient's ROIs and the split)."""
+    return artefact_folder(artefacts_dir(data_dir), ["roi_dataset"]) / ROI_TABLE_FILE
 
 
 def reports_dir(data_dir: Path) -> Path:

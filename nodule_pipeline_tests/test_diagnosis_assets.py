@@ -113,16 +113,11 @@ def test_an_unreadable_match_table_is_an_error_naming_it(tmp_path: Path) -> None
 def test_the_page_shows_a_confirmed_diagnosis(diagnosed: Path, browser) -> None:
     from playwright.sync_api import expect
 
-    from nodule_pipeline_tests.browser import UI_TIMEOUT_MS
     from nodule_pipeline_tests.search_server import search_server
-    from nodule_pipeline_tests.test_serve_browser import SCREENSHOTS, search_for
+    from nodule_pipeline_tests.test_serve_browser import SCREENSHOTS, opened_page, search_for
 
     with search_server(diagnosed, diagnosed / "serve.log") as server:
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        context.set_default_timeout(UI_TIMEOUT_MS)
-        try:
-            page = context.new_page()
-            page.goto(server.url + "/")
+        with opened_page(browser, server.url + "/") as page:
             page.get_by_label("mode").select_option("rerank")
             search_for(page, "LIDC-IDRI-0003-N01")
             card = page.locator("#hits > li", has_text="LIDC-IDRI-0001-N01")
@@ -132,5 +127,3 @@ def test_the_page_shows_a_confirmed_diagnosis(diagnosed: Path, browser) -> None:
                 expect(other.locator(".confirmed")).to_have_text("no confirmed diagnosis")
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             card.screenshot(path=SCREENSHOTS / "08-confirmed-diagnosis.png")
-        finally:
-            context.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +25,29 @@ SCREENSHOTS = REPO / "test-artifacts" / "serve"
 SLICE_SIDE = 320  # the slice viewer's size on the page (page.css), in CSS pixels
 
 
+@contextmanager
+def opened_page(browser, url: str, width: int = 1400, height: int = 1000) -> Iterator:
+    """``url`` in a fresh browser context of that viewport (the test's timeout), closed after."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        page.goto(url)
+        yield page
+    finally:
+        context.close()
+
+
 @pytest.fixture
 def page(search_page: SearchServer, browser, request: pytest.FixtureRequest):
     """The page in a fresh context, its library loaded; a screenshot if the test fails."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    context.set_default_timeout(UI_TIMEOUT_MS)
     failed_before = request.session.testsfailed
-    page = context.new_page()
-    page.goto(search_page.url + "/")
-    expect(page.locator("#nodule-select option")).not_to_have_count(0)
-    yield page
-    if request.session.testsfailed > failed_before:
-        page.screenshot(path=SCREENSHOTS / f"FAILED-{request.node.name}.png", full_page=True)
-    context.close()
+    with opened_page(browser, search_page.url + "/") as page:
+        expect(page.locator("#nodule-select option")).not_to_have_count(0)
+        yield page
+        if request.session.testsfailed > failed_before:
+            page.screenshot(path=SCREENSHOTS / f"FAILED-{request.node.name}.png", full_page=True)
 
 
 def search_for(page, nodule_id: str) -> None:
@@ -170,11 +181,7 @@ def test_the_page_loads_only_its_own_files(search_page: SearchServer, browser) -
 
 
 def test_a_server_with_a_token_asks_the_page_to_sign_in_once(guarded: SearchServer, browser) -> None:
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    context.set_default_timeout(UI_TIMEOUT_MS)
-    try:
-        page = context.new_page()
-        page.goto(guarded.url + "/")
+    with opened_page(browser, guarded.url + "/") as page:
         expect(page.locator("#provenance")).to_have_text("sign in to search the library")
         token = page.get_by_label("This server asks for its token")
         token.fill("not the token, twenty chars")
@@ -193,16 +200,10 @@ def test_a_server_with_a_token_asks_the_page_to_sign_in_once(guarded: SearchServ
         expect(page.locator("#nodule-select option")).not_to_have_count(0)
         page.get_by_role("button", name="Sign out").click()
         expect(page.locator("#provenance")).to_have_text("sign in to search the library")
-    finally:
-        context.close()
 
 
 def test_no_empty_card_before_a_search_and_the_page_fits_400_px(search_page: SearchServer, browser) -> None:
-    context = browser.new_context(viewport={"width": 400, "height": 900})
-    context.set_default_timeout(UI_TIMEOUT_MS)
-    try:
-        page = context.new_page()
-        page.goto(search_page.url + "/")
+    with opened_page(browser, search_page.url + "/", 400, 900) as page:
         expect(page.locator("#nodule-select option")).not_to_have_count(0)
         expect(page.locator("#results")).to_be_hidden()
         expect(page.locator("#query")).to_be_hidden()
@@ -212,5 +213,3 @@ def test_no_empty_card_before_a_search_and_the_page_fits_400_px(search_page: Sea
         width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
         assert width[0] <= width[1], f"the page scrolls sideways at 400 px: {width}"
         page.screenshot(path=SCREENSHOTS / "07-narrow.png", full_page=True)
-    finally:
-        context.close()

@@ -190,9 +190,9 @@ def _asset_run(table: pd.DataFrame, config: dict[str, Any], base: Path) -> dict[
     from nodule_pipeline.hashing.training import read_model_card
     from nodule_pipeline.resources import ArtefactIOManager
     from nodule_pipeline.roi_table import write_roi_table
-    from nodule_pipeline.storage import artefact_folder
+    from nodule_pipeline.storage import ROI_TABLE_FILE, artefact_folder
 
-    write_roi_table(table, artefact_folder(base, ["roi_dataset"]) / "rois.parquet")
+    write_roi_table(table, artefact_folder(base, ["roi_dataset"]) / ROI_TABLE_FILE)
     instance = DagsterInstance.ephemeral()  # an instance exists before any real run: not timed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BetaWarning)

@@ -42,7 +42,13 @@ from nodule_pipeline.lidc.rois import roi_at
 from nodule_pipeline.lidc.series import CtSeries, load_series
 from nodule_pipeline.pictures import LUNG_WINDOW
 from nodule_pipeline.roi_table import ROI_SIZE
-from nodule_pipeline.storage import TABLE_FILE, artefact_folder, artefacts_dir, model_version_folder
+from nodule_pipeline.storage import (
+    TABLE_FILE,
+    artefact_folder,
+    artefacts_dir,
+    model_version_folder,
+    roi_dataset_file,
+)
 
 MODES = ("hierarchical", "hamming", "rerank")
 UNITS = ("nodule", "annotation")
@@ -337,11 +343,7 @@ class NoduleSearcher:
         side), so that asking for one says why instead of "unknown"; empty without a data dir."""
         if self._left_out is None:
             self._left_out = set()
-            table = (
-                artefact_folder(artefacts_dir(self.data_dir), ["roi_dataset"]) / "rois.parquet"
-                if self.data_dir
-                else None
-            )
+            table = roi_dataset_file(self.data_dir) if self.data_dir else None
             if table is not None and table.exists():
                 ids = pq.read_table(table, columns=["nodule_id"]).column("nodule_id").to_pylist()
                 self._left_out = {str(nodule) for nodule in ids} - set(self.rows_by_nodule())

@@ -176,14 +176,12 @@ async def sign_in(request: Request) -> JSONResponse:
     access: Access = request.app.state.access
     if access.token is None:
         raise InputDataError("this server takes no token: it answers on this computer only")
+    request.state.audit = {"asked": "session"}
     payload = await _json_body(request)
     opened = access.open_session(payload.get("token") if isinstance(payload, dict) else None)
     if opened is None:
-        request.state.audit = {"asked": "session"}
         return _error(401, "that is not this server's token")
-    session, who = opened
-    request.state.who = who
-    request.state.audit = {"asked": "session"}
+    session, request.state.who = opened
     answer = JSONResponse({"signed_in": True})
     answer.headers["set-cookie"] = session_cookie(session, secure=request.url.scheme == "https")
     return answer

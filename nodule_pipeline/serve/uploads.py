@@ -185,25 +185,17 @@ def member_target(member: zipfile.ZipInfo, root: Path, seen: set[tuple[str, ...]
     filename = member.filename
     parts = PurePosixPath(filename).parts
     kind = stat.S_IFMT(member.external_attr >> 16)
-    reason = (
-        "its name holds a backslash"
-        if "\\" in filename
-        else "its name is an absolute path"
-        if filename.startswith("/")
-        else "its name starts with a drive letter"
-        if _DRIVE.match(filename)
-        else "its name steps out of the folder (..)"
-        if ".." in parts
-        else "it is a link"
-        if kind == stat.S_IFLNK
-        else "it is not a plain file"
-        if kind not in (0, stat.S_IFREG)
-        else "it has an empty name"
-        if not parts
-        else "another member has the same name"
-        if parts in seen
-        else None
+    refusals = (  # the first that applies is the reason
+        ("\\" in filename, "its name holds a backslash"),
+        (filename.startswith("/"), "its name is an absolute path"),
+        (bool(_DRIVE.match(filename)), "its name starts with a drive letter"),
+        (".." in parts, "its name steps out of the folder (..)"),
+        (kind == stat.S_IFLNK, "it is a link"),
+        (kind not in (0, stat.S_IFREG), "it is not a plain file"),
+        (not parts, "it has an empty name"),
+        (parts in seen, "another member has the same name"),
     )
+    reason = next((why for refused, why in refusals if refused), None)
     target = root.joinpath(*parts) if parts else root
     if reason is None and not target.resolve().is_relative_to(root.resolve()):
         reason = "it would be written outside the upload's folder"
