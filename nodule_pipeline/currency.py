@@ -19,6 +19,8 @@ from dagster import (
 )
 from dagster_shared.error import SerializableErrorInfo
 
+from nodule_pipeline.resources import OPTIONAL_INPUT
+
 CODE_VERSION_TAG = "dagster/code_version"
 SOURCE_FINGERPRINT = "source_fingerprint"
 """Content hash of the patient folder ingested: how the new-scan sensor knows a delivery is not new."""
@@ -51,18 +53,32 @@ def is_current(
 ) -> bool:
     """Materialized with today's code version, its ``stored`` result still on disk, and newer than
     every upstream result (of the same patient for a per-patient parent, of any patient for an
-    unpartitioned child)."""
+    unpartitioned child). An optional input never stored yet (no diagnosis sheet read) is no reason
+    to redo the asset."""
     record = latest_record(instance, asset_name, partition)
     if record is None or not stored.exists():
         return False
     node = defs.resolve_asset_graph().get(AssetKey(asset_name))
     if node.code_version is not None and record.asset_materialization.tags.get(CODE_VERSION_TAG) != node.code_version:
         return False
+    optional = optional_parents(defs, AssetKey(asset_name))
     for parent in node.parent_keys:
         upstream = latest_record(instance, parent.to_user_string(), partition)
+        if upstream is None and parent in optional:
+            continue
         if upstream is None or upstream.storage_id > record.storage_id:
             return False
     return True
+
+
+def optional_parents(defs: Definitions, key: AssetKey) -> set[AssetKey]:
+    """The upstream assets ``key`` reads as optional inputs (``OPTIONAL_INPUT`` metadata)."""
+    assets_def = defs.resolve_assets_def(key)
+    return {
+        assets_def.keys_by_input_name[given.name]
+        for given in assets_def.node_def.input_defs
+        if (given.metadata or {}).get(OPTIONAL_INPUT)
+    }
 
 
 def innermost_message(error: SerializableErrorInfo) -> str:

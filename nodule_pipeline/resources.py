@@ -79,6 +79,9 @@ def remember_lidc_root(data_dir: Path, lidc_root: Path, diagnosis_sheet: Path | 
 LAZY_VOLUMES = "lazy_volumes"
 """Input metadata (``AssetIn(metadata={LAZY_VOLUMES: True})``): a step that reads a few slices'
 neighbourhoods of ``lidc_scan`` gets volumes that decompress only the rows it indexes."""
+OPTIONAL_INPUT = "optional"
+"""Input metadata (``AssetIn(metadata={OPTIONAL_INPUT: True})``): an upstream asset the step can do
+without; it gets None while that asset has never been stored (no diagnosis sheet read yet)."""
 
 
 def load_artefact(folder: Path, lazy_volumes: bool = False) -> object:
@@ -203,6 +206,8 @@ class ArtefactIOManager(ConfigurableIOManager):
     def load_input(self, context: InputContext) -> object:
         asset_path = context.asset_key.path
         if not context.has_asset_partitions:
+            if (context.definition_metadata or {}).get(OPTIONAL_INPUT):
+                return self.stored(asset_path)
             return load_artefact(self._folder(asset_path, None))
         if context.has_partition_key:  # a per-patient step reading the same patient upstream
             lazy = bool((context.definition_metadata or {}).get(LAZY_VOLUMES, False))

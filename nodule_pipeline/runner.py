@@ -48,6 +48,13 @@ PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
 """Runs print only the assets' own messages (epochs, warnings), not Dagster's event stream."""
 LIBRARY_ASSET_NAMES = ("roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
 INGESTION_ASSET_NAMES = ("lidc_scan", "lung_mask", "nodule_rois")
+LIBRARY_STEPS = {
+    "roi_dataset": "roi_dataset (split)",
+    "hash_model": "hash_model (training)",
+    "hash_index": "hash_index",
+    "retrieval_evaluation": "retrieval_evaluation",
+}
+"""What each library step is called in the progress line."""
 DIAGNOSIS_ASSET_NAMES = ("lidc_diagnosis", "nodule_diagnosis")
 INSTANCE_YAML = """\
 telemetry:
@@ -129,6 +136,11 @@ def _materialization_metadata(result: ExecuteInProcessResult, asset_name: str) -
     return {}
 
 
+def _latest_metadata(instance: DagsterInstance, asset_name: str) -> dict:
+    """The short metadata of the asset's latest materialization (a step this run did not redo)."""
+    return _short_values(metadata_of(latest_record(instance, asset_name)))
+
+
 def _short_values(metadata: dict) -> dict:
     """Metadata without the long entries (pictures, markdown) that a summary does not print."""
     return {key: value for key, value in metadata.items() if not isinstance(value, str) or len(value) < 500}
@@ -165,27 +177,33 @@ def patient_is_current(
     return ingested_fingerprint(instance, patient_id) == content_fingerprint(folder)
 
 
-def library_is_current(
+def stale_library(
     instance: DagsterInstance,
     defs: Definitions,
     data_dir: Path,
     names: tuple[str, ...],
     training: dict | None,
     report: str,
-) -> bool:
-    """The library is built from the current ROIs with the training and report settings asked for."""
+) -> tuple[str, ...]:
+    """The library assets to (re)build: from the first one that is not current, or not built with
+    the training and report settings asked for, to the end of the chain (none: all current). A
+    stale index means retraining too, so that a model that failed its checks is never indexed."""
     trained_with = metadata_of(latest_record(instance, "hash_model")).get("config") or {}
-    if any(trained_with.get(key) != value for key, value in (training or {}).items()):
-        return False
-    for name in names:
+    for position, name in enumerate(names):
         stored = (
             reports_dir(data_dir) / REPORT_JSON
             if name == "retrieval_evaluation"
             else artefact_folder(artefacts_dir(data_dir), [name])
         )
-        if not is_current(instance, defs, stored, name):
-            return False
-    return report == "none" or metadata_of(latest_record(instance, "retrieval_evaluation")).get("profile") == report
+        if name == "hash_model":
+            settings_differ = any(trained_with.get(key) != value for key, value in (training or {}).items())
+        elif name == "retrieval_evaluation":
+            settings_differ = metadata_of(latest_record(instance, name)).get("profile") != report
+        else:
+            settings_differ = False
+        if settings_differ or not is_current(instance, defs, stored, name):
+            return names[position - 1 :] if name == "hash_index" else names[position:]
+    return ()
 
 
 def run_pipeline(
@@ -277,42 +295,51 @@ def run_pipeline(
     if not (any(o.ok for o in outcomes) or instance.get_dynamic_partitions(patients_partitions.name)):
         return summary
     names = LIBRARY_ASSET_NAMES if report != "none" else LIBRARY_ASSET_NAMES[:-1]
-    if not rerun and library_is_current(instance, defs, data_dir, names, training, report):
+    sheet_failure = None  # the sheet is read before the library: the evaluation scores against it
+    if rerun or not diagnosis_is_current(instance, defs, data_dir, scans.root, diagnosis_sheet, ("lidc_diagnosis",)):
+        sheet = run_diagnosis(defs, instance, tags, ("lidc_diagnosis",))
+        sheet_failure = None if sheet.success else diagnosis_failure(sheet)
+    stale = names if rerun else stale_library(instance, defs, data_dir, names, training, report)
+    summary.library_ok, summary.library_skipped = True, not stale
+    summary.library_metadata = {name: _latest_metadata(instance, name) for name in LIBRARY_ASSET_NAMES}
+    if not stale:
         progress("library: up to date (no new ROIs, same code and settings), skipped")
-        summary.library_ok, summary.library_skipped = True, True
-        summary.library_metadata = {name: _short_values(metadata_of(latest_record(instance, name))) for name in names}
-        if not diagnosis_is_current(instance, defs, data_dir, scans.root, diagnosis_sheet):
-            summary.diagnosis = attach_diagnosis(defs, instance, tags)
-            progress(f"diagnosis: {summary.diagnosis}")
-        return summary
-    progress("library: roi_dataset (split), hash_model (training), hash_index, retrieval_evaluation")
-    ops = {"hash_model": {"config": training or {}}}
-    if report != "none":
-        ops["retrieval_evaluation"] = {"config": {"profile": report}}
-    result = defs.resolve_job_def("build_library").execute_in_process(
-        run_config={**PROGRESS_RUN_CONFIG, "ops": ops},
-        instance=instance,
-        raise_on_error=False,
-        asset_selection=[AssetKey(name) for name in names],
-        tags=tags,
-    )
-    summary.library_ok = result.success
-    summary.model_verdict = next(
-        (e.description for e in result.get_asset_check_evaluations() if e.check_name == ACCURACY_FLOOR), None
-    )
-    summary.library_metadata = {name: _materialization_metadata(result, name) for name in LIBRARY_ASSET_NAMES}
-    if not result.success:
-        progress(f"library: FAILED {failure_reason(result)}")
-    summary.diagnosis = attach_diagnosis(defs, instance, tags)
-    progress(f"diagnosis: {summary.diagnosis}")
+    else:
+        progress(f"library: {', '.join(LIBRARY_STEPS[name] for name in stale)}")
+        ops = {"hash_model": {"config": training or {}}, "retrieval_evaluation": {"config": {"profile": report}}}
+        result = defs.resolve_job_def("build_library").execute_in_process(
+            run_config={**PROGRESS_RUN_CONFIG, "ops": {name: ops[name] for name in stale if name in ops}},
+            instance=instance,
+            raise_on_error=False,
+            asset_selection=[AssetKey(name) for name in stale],
+            tags=tags,
+        )
+        summary.library_ok = result.success
+        summary.model_verdict = next(
+            (e.description for e in result.get_asset_check_evaluations() if e.check_name == ACCURACY_FLOOR), None
+        )
+        summary.library_metadata |= {name: _materialization_metadata(result, name) for name in stale}
+        if not result.success:
+            progress(f"library: FAILED {failure_reason(result)}")
+    if sheet_failure is not None:
+        summary.diagnosis = sheet_failure
+    elif not diagnosis_is_current(instance, defs, data_dir, scans.root, diagnosis_sheet):
+        summary.diagnosis = attach_diagnosis(defs, instance, tags, ("nodule_diagnosis",))
+    if summary.diagnosis:
+        progress(f"diagnosis: {summary.diagnosis}")
     return summary
 
 
 def diagnosis_is_current(
-    instance: DagsterInstance, defs: Definitions, data_dir: Path, lidc_root: str, given: Path | None
+    instance: DagsterInstance,
+    defs: Definitions,
+    data_dir: Path,
+    lidc_root: str,
+    given: Path | None,
+    names: tuple[str, ...] = DIAGNOSIS_ASSET_NAMES,
 ) -> bool:
-    """The diagnosis assets are current: today's code, newer than roi_dataset, from the same sheet."""
-    for name in DIAGNOSIS_ASSET_NAMES:
+    """The diagnosis assets (``names``) are current: today's code, newer than roi_dataset, from the same sheet."""
+    for name in names:
         if not is_current(instance, defs, artefact_folder(artefacts_dir(data_dir), [name]), name):
             return False
     try:
@@ -323,18 +350,37 @@ def diagnosis_is_current(
     return metadata_of(latest_record(instance, "lidc_diagnosis")).get("sheet_fingerprint") == fingerprint
 
 
-def attach_diagnosis(defs: Definitions, instance: DagsterInstance, tags: dict[str, str]) -> str:
-    """Read the diagnosis sheet and match it to the library's nodules (its own run: a bad sheet
-    fails only this), and say in one line what it gave."""
-    result = defs.resolve_job_def("attach_diagnosis").execute_in_process(
-        run_config=PROGRESS_RUN_CONFIG, instance=instance, raise_on_error=False, tags=tags
+def run_diagnosis(
+    defs: Definitions, instance: DagsterInstance, tags: dict[str, str], names: tuple[str, ...] = DIAGNOSIS_ASSET_NAMES
+) -> ExecuteInProcessResult:
+    """Materialize the diagnosis assets ``names`` in their own run: a bad sheet fails only this."""
+    return defs.resolve_job_def("attach_diagnosis").execute_in_process(
+        run_config=PROGRESS_RUN_CONFIG,
+        instance=instance,
+        raise_on_error=False,
+        tags=tags,
+        asset_selection=[AssetKey(name) for name in names],
     )
+
+
+def diagnosis_failure(result: ExecuteInProcessResult) -> str:
+    return f"FAILED {failure_reason(result)} (the library and its search are not affected)"
+
+
+def attach_diagnosis(
+    defs: Definitions, instance: DagsterInstance, tags: dict[str, str], names: tuple[str, ...] = DIAGNOSIS_ASSET_NAMES
+) -> str:
+    """Read the diagnosis sheet and match it to the library's nodules (``names``: the steps to run;
+    the others' latest results count), and say in one line what it gave."""
+    result = run_diagnosis(defs, instance, tags, names)
     if not result.success:
-        return f"FAILED {failure_reason(result)} (the library and its search are not affected)"
-    sheet = _materialization_metadata(result, "lidc_diagnosis")
+        return diagnosis_failure(result)
+    sheet, matched = (
+        _materialization_metadata(result, name) if name in names else _latest_metadata(instance, name)
+        for name in DIAGNOSIS_ASSET_NAMES
+    )
     if sheet.get("source") == "none":
         return "no diagnosis sheet (*diagnosis*.xls at the scan root, or run --diagnosis FILE): none shown"
-    matched = _materialization_metadata(result, "nodule_diagnosis")
     return (
         f"{sheet.get('source')}: {sheet.get('patients')} patients; {matched.get('nodules_matched')} of "
         f"{matched.get('nodules')} library nodules matched ({matched.get('patients_matched')} patients)"

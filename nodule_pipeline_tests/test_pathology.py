@@ -101,3 +101,45 @@ def test_evaluate_adds_the_section_and_the_report_shows_it() -> None:
     assert section["matched_nodules"] == 8 and section["readers"]["agreement"] == 1.0  # the sheet says what they say
     assert "## Against the confirmed diagnosis" in render_markdown(report)
     assert pathology_summary(section).startswith("against the confirmed diagnosis (8 nodules): readers agree 100.0")
+
+
+def test_the_evaluation_asset_scores_against_the_sheet_and_runs_without_one(tmp_path) -> None:
+    """``retrieval_evaluation`` reads ``lidc_diagnosis`` when it was stored (the sheet at the scan
+    root) and adds the section; before any sheet was read it reports as before, without it."""
+    import json
+
+    from dagster import DagsterInstance
+
+    from nodule_pipeline.roi_table import write_roi_table
+    from nodule_pipeline_tests.test_diagnosis import write_xls
+    from nodule_pipeline_tests.test_split_leak import Library
+
+    library = Library(tmp_path, tmp_path / "mine.parquet")
+    write_roi_table(_table(patients=20), library.external)
+    instance = DagsterInstance.ephemeral()
+    built = library.run(instance, "roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
+    assert built.success
+    report = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
+    assert "pathology" not in report and report["deployed"]["accuracy"] is not None
+    (unscored,) = [e for e in built.get_asset_materialization_events() if e.asset_key.path == ["retrieval_evaluation"]]
+    metadata = unscored.step_materialization_data.materialization.metadata
+    assert metadata["pathology"].value == "no diagnosis sheet"
+    # the UI cannot follow the report's relative picture links: its tables come without them
+    assert ".png" not in metadata["tables"].value and "data:image/png;base64," in metadata["map_at_k"].value
+
+    # ten patients diagnosed as the readers call them (odd: malignant), one nodule each: all matched
+    write_xls(
+        tmp_path / "tcia-diagnosis.xls", [[f"LIDC-IDRI-{p:04d}", 1 + p % 2, 1, "", 1 + p % 2, 1] for p in range(1, 11)]
+    )
+    scored = library.run(instance, "lidc_diagnosis", "retrieval_evaluation")
+    assert scored.success
+    section = json.loads((tmp_path / "reports" / "evaluation.json").read_text())["pathology"]
+    assert (section["matched_patients"], section["matched_nodules"]) == (10, 10)
+    readers = section["readers"]
+    assert (readers["agreement"], readers["n"]) == (1.0, 10)
+    assert (readers["low"], readers["high"]) == pytest.approx(wilson(10, 10))
+    assert section["ours"]["n"] == 10 and section["retrieval"]["n_queries"] == 10
+    (event,) = [e for e in scored.get_asset_materialization_events() if e.asset_key.path == ["retrieval_evaluation"]]
+    line = event.step_materialization_data.materialization.metadata["pathology"].value
+    assert line.startswith("against the confirmed diagnosis (10 nodules): readers agree 100.0")
+    assert "## Against the confirmed diagnosis" in (tmp_path / "reports" / "evaluation.md").read_text()

@@ -9,6 +9,7 @@ other two, and a third run finds everything current and executes nothing.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from nodule_pipeline.currency import latest_record
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.lidc.demo_data import generate_patient
 from nodule_pipeline.resources import load_artefact
-from nodule_pipeline.runner import RUNNER_TAG, close_orphaned_runs, open_instance, run_pipeline
+from nodule_pipeline.runner import RUNNER_TAG, close_orphaned_runs, open_instance, run_pipeline, stale_library
 from nodule_pipeline.storage import artefact_folder, artefacts_dir, owner_tag
 from nodule_pipeline_tests.conftest import QUICK_TRAINING
 
@@ -127,6 +128,25 @@ def test_a_third_run_finds_everything_current(resumed) -> None:
     assert summary.library_metadata["hash_index"]["items"] > 0
     assert len(open_instance(data_dir).get_runs()) == runs_before
     assert lines[-1].startswith("library: up to date")
+
+
+def test_only_the_stale_end_of_the_library_is_redone(resumed, tmp_path: Path) -> None:
+    """A report asked for later is the evaluation alone (no retraining); other training settings
+    retrain; a lost index retrains too, so that no model that failed its checks gets indexed."""
+    root, data_dir, _, _, _, _ = resumed
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    defs, instance = build_definitions(copy, root), open_instance(copy)
+    library = ("roi_dataset", "hash_model", "hash_index")
+
+    def stale(names: tuple[str, ...] = library, training: dict = QUICK_TRAINING, report: str = "none"):
+        return stale_library(instance, defs, copy, names, training, report)
+
+    assert stale() == ()
+    assert stale((*library, "retrieval_evaluation"), report="quick") == ("retrieval_evaluation",)
+    assert stale(training={**QUICK_TRAINING, "epochs": 3}) == ("hash_model", "hash_index")
+    shutil.rmtree(artefact_folder(artefacts_dir(copy), ["hash_index"]))
+    assert stale() == ("hash_model", "hash_index")
 
 
 def test_rerun_redoes_a_finished_patient(resumed) -> None:

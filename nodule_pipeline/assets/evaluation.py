@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetIn, Config, Failure, MaterializeResult, MetadataValue, asset
 
 from nodule_pipeline.assets.refresh import AFTER_RETRAIN
 from nodule_pipeline.concurrency import GPU_POOL
@@ -16,13 +16,14 @@ from nodule_pipeline.hashing.index import HashIndex
 from nodule_pipeline.hashing.report import (
     REPORT_JSON,
     leakage_summary,
+    pathology_summary,
     reader_agreement_summary,
     render_markdown,
     write_report,
 )
 from nodule_pipeline.hashing.searcher import NoduleSearcher
 from nodule_pipeline.pictures import markdown_image
-from nodule_pipeline.resources import ReportStore
+from nodule_pipeline.resources import OPTIONAL_INPUT, ReportStore
 from nodule_pipeline.roi_table import table_fingerprint
 from nodule_pipeline.storage import atomic_write
 
@@ -40,8 +41,9 @@ class EvaluationSettings(Config):
 
 @asset(
     group_name="evaluation",
-    code_version="2",
+    code_version="3",
     kinds={"json", "markdown"},
+    ins={"lidc_diagnosis": AssetIn(metadata={OPTIONAL_INPUT: True})},
     automation_condition=AFTER_RETRAIN,
     pool=GPU_POOL,  # the comparison study trains networks on the same device as hash_model
 )
@@ -52,9 +54,12 @@ def retrieval_evaluation(
     roi_dataset: pd.DataFrame,
     hash_model: ModelArtefact,
     hash_index: HashIndex,
+    lidc_diagnosis: pd.DataFrame | None,
 ) -> MaterializeResult:
     """Headline: ``hash_model`` searched through ``hash_index`` with the users' search code, test
-    split as queries. Then every method on the same split, retrained under the model's recipe.
+    split as queries. Then every method on the same split, retrained under the model's recipe,
+    and, where TCIA's diagnosis sheet matches library nodules, how often the readers' label and
+    ours agree with what the nodules really were (``pathology``; no sheet, no section).
     Writes ``reports/evaluation.{json,md}`` and figures, and shows them here."""
     if hash_index.model_version != hash_model.model_version:
         raise Failure(
@@ -76,6 +81,7 @@ def retrieval_evaluation(
             recipe=hash_model.model.config,
             network=hash_model.model.network,
             deployed=Deployed(NoduleSearcher(hash_model.model, hash_index, hash_model.model_version), hash_model.card),
+            diagnosis=lidc_diagnosis if lidc_diagnosis is not None and len(lidc_diagnosis) else None,
         )
     except NotEnoughData as reason:
         context.log.warning(f"no evaluation: {reason}")
@@ -106,12 +112,13 @@ def retrieval_evaluation(
             "leakage": leakage_summary(leakage) or "not measured",
             "reader_agreement": (report.get("reader_agreement") or {}).get("agreement"),
             "reader_agreement_summary": reader_agreement_summary(report.get("reader_agreement")),
+            "pathology": pathology_summary(report.get("pathology")) or "no diagnosis sheet",
             "model_version": hash_model.model_version,
             "index_version": hash_index.index_version,
             "data_version": lineage["data_version"],
             "patient_ids": MetadataValue.json(lineage["patients"]),
             "report": MetadataValue.path(str(files["markdown"])),
-            "tables": MetadataValue.md(render_markdown(report).split("## Example queries")[0]),
+            "tables": MetadataValue.md(render_markdown(report, figures=False)),
             "map_at_k": MetadataValue.md(markdown_image(files["map_at_k"].read_bytes(), "MAP@k")),
             "examples": MetadataValue.md(markdown_image(files["examples"].read_bytes(), "example queries")),
             "json": MetadataValue.json(deployed),

@@ -26,14 +26,17 @@ blocking check (such as the test-accuracy floor)."""
 
 _MODEL_UPDATED = AutomationCondition.any_deps_updated().allow(AssetSelection.assets("hash_model"))
 _INDEX_UPDATED = AutomationCondition.any_deps_updated().allow(AssetSelection.assets("hash_index"))
+_OPTIONAL_DEPS = AssetSelection.assets("lidc_diagnosis")
+"""Inputs an asset can do without (the diagnosis sheet): never missing, never holding a refresh back."""
 
 AFTER_RETRAIN = (
     _MODEL_UPDATED.since_last_handled()
     & _INDEX_UPDATED.since(_MODEL_UPDATED)
     & _SETTLED
-    & ~AutomationCondition.any_deps_missing()
+    & ~AutomationCondition.any_deps_missing().ignore(_OPTIONAL_DEPS)
     & AutomationCondition.all_deps_blocking_checks_passed()
 ).with_label("model retrained and indexed")
 """``retrieval_evaluation``: a new model is evaluated once ``hash_index`` has been re-encoded with
 it (the report's headline is the model users search, through its index); new database patients
-alone do not re-run the (long) evaluation."""
+alone, or a new diagnosis sheet, do not re-run the (long) evaluation: its pathology section follows
+the sheet at the next retrain, or at once from ``nodule-pipeline run``."""

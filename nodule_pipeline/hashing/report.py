@@ -198,8 +198,10 @@ def _leakage_section(leakage: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report's tables (values in percent)."""
+def render_markdown(report: dict[str, Any], figures: bool = True) -> str:
+    """The report's tables (values in percent). ``figures``: with its pictures, linked as the files
+    :func:`write_report` puts beside it; without them where the markdown is shown elsewhere (the
+    Dagster UI, which cannot follow a relative link and shows the pictures as their own entries)."""
     ours = report["ours"]
     methods = _methods(report)
     ks = list(ours["map_at_k"])
@@ -244,7 +246,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         _table(["method", "accuracy", "recall (malignant)", "F1 (malignant)"], classification),
         "### Retrieval (Figures 3 and 4 analogue)",
         _table(["method", "P@10", "R@10", "F1@10", "nDCG@10"] + [f"MAP@{k}" for k in ks], _retrieval_rows(methods, ks)),
-        "![MAP@k](map_at_k.png)",
+        *(["![MAP@k](map_at_k.png)"] if figures else []),
         "### Code health (database codes)",
         "Collapsed codes rank nothing: few distinct codes, constant bits, a whole class at Hamming 0.",
         _table(["method", *(label for _, label in HEALTH_COLUMNS)], _health_rows(health)),
@@ -263,7 +265,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("leakage"):
         parts += _leakage_section(report["leakage"])
-    parts.append("## Example queries\n![examples](examples.png)")
+    if figures:
+        parts.append("## Example queries\n![examples](examples.png)")
     return "\n\n".join(parts) + "\n"
 
 
