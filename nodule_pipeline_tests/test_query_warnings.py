@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 
 from nodule_pipeline.cli import main
+from nodule_pipeline.hashing.index import HashIndex, build_index
 from nodule_pipeline.hashing.query_checks import (
     distance_warnings,
     image_warnings,
     library_reference,
+    reference_from_index,
 )
 from nodule_pipeline.hashing.searcher import NoduleSearcher
 from nodule_pipeline.serve import library as describe
@@ -48,11 +50,34 @@ def test_the_rules_on_constructed_queries() -> None:
     assert reference["sampled"] == 4 and reference["nearest_euclidean"] == pytest.approx(
         np.percentile([1, 2, 3, 4], 99)
     )
-    assert distance_warnings(2, 3.0, reference) == []
-    (far,) = distance_warnings(2, 9.0, reference)
-    assert far.code == "far_from_library" and "feature (Euclidean) distance 9" in far.message
-    assert codes(distance_warnings(20, None, reference)) == ["far_from_library"]  # Hamming mode
-    assert distance_warnings(20, None, None) == []  # an index built before the reference existed
+
+
+def _square_library() -> HashIndex:
+    """Four nodules of two patients at the corners of the unit square in feature space, one
+    per class and patient: each is 1 from its nearest nodule of the other patient."""
+    fc = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    items = pd.DataFrame({"patient_id": ["A", "A", "B", "B"], "nodule_id": ["A-N01", "A-N02", "B-N01", "B-N02"]})
+    same_code = np.zeros((4, 8), dtype=np.uint8)  # all tied in Hamming: the feature distance decides
+    index = build_index(same_code, fc, np.array([0, 1, 0, 1]), items, "square")
+    index.lineage["query_reference"] = reference_from_index(index)
+    return index
+
+
+def test_far_is_measured_from_the_nearest_library_nodule() -> None:
+    index = _square_library()
+    reference = index.lineage["query_reference"]
+    assert (reference["sampled"], reference["nearest_euclidean"]) == (4, pytest.approx(1.0))
+    code = np.zeros(8, dtype=np.uint8)
+    assert distance_warnings(index, code, np.array([0.5, 0.5], dtype=np.float32)) == []
+    (far,) = distance_warnings(index, code, np.array([5.0, 5.0], dtype=np.float32))
+    assert far.code == "far_from_library" and "feature (Euclidean) distance 5.657" in far.message
+    # near a nodule of patient A, far from B's: searched without A (a library nodule's own patient)
+    assert codes(distance_warnings(index, code, np.array([-1.0, -1.0], dtype=np.float32), "A")) == ["far_from_library"]
+    assert distance_warnings(index, code, np.array([-0.2, 0.0], dtype=np.float32), "B") == []
+    index.lineage["query_reference"] = {"nearest_hamming": 0.0}  # a reference of the codes alone
+    assert codes(distance_warnings(index, np.ones(8, dtype=np.uint8), np.zeros(2, np.float32))) == ["far_from_library"]
+    index.lineage.pop("query_reference")  # an index built before the reference existed
+    assert distance_warnings(index, code, np.array([5.0, 5.0], dtype=np.float32)) == []
 
 
 def test_real_nodules_are_not_warned_of(real_nodules: Path) -> None:
@@ -70,8 +95,9 @@ def test_the_searcher_warns_of_air_and_of_images_not_in_hu(materialized: Path, s
     assert reference["sampled"] == len(searcher.index) and reference["nearest_hamming"] >= 0
     assert codes(searcher.search_roi(np.full((32, 32), -1000.0)).warnings)[:1] == ["no_tissue"]
     assert codes(searcher.search_roi(np.full((32, 32), 0.5)).warnings)[:1] == ["not_hu"]
-    own = searcher.search_roi(np.asarray(searcher.index.rois[0], dtype=np.float32), mode="rerank")
-    assert own.warnings == []  # a library nodule's own ROI: tissue, HU, at distance 0
+    for mode in ("hierarchical", "hamming", "rerank"):  # the far rule is the same in every mode
+        own = searcher.search_roi(np.asarray(searcher.index.rois[0], dtype=np.float32), mode=mode)
+        assert own.warnings == [], mode  # a library nodule's own ROI: tissue, HU, at distance 0
     answer = describe.response_json(searcher, searcher.search_roi(np.full((32, 32), -1000.0)), {"kind": "image"})
     assert answer["warnings"][0]["code"] == "no_tissue" and answer["warnings"][0]["message"].startswith("no tissue")
 

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from nodule_pipeline.hashing.index import HashIndex
+from nodule_pipeline.hashing.search import search_batch
+
 TISSUE_HU = -800.0
 """Denser than this is tissue (solid or ground-glass); aerated lung is about -850 HU, air -1000."""
 CENTRE_RADIUS = 3.5
@@ -71,14 +74,31 @@ def image_warnings(roi: np.ndarray) -> list[QueryWarning]:
     return []
 
 
-def distance_warnings(best_hamming: int | None, best_euclidean: float | None, reference: dict[str, Any] | None):
-    """A query farther from its nearest hit than the library's own nodules are from theirs."""
-    if not reference or best_hamming is None:
+def nearest_in_library(
+    index: HashIndex, codes: np.ndarray, fc: np.ndarray, exclude_patients: Sequence[str | None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's nearest library item as the far rule measures it, for a user's query and for
+    the library's own nodules alike: rerank mode (the Hamming pool re-ranked by feature distance),
+    k=1, every class, whatever mode the user searches in. Its Hamming and Euclidean distances."""
+    result = search_batch(index, codes, fc, None, k=1, mode="rerank", exclude_patients=exclude_patients)
+    return result.hamming[:, 0], result.euclidean[:, 0]
+
+
+def distance_warnings(
+    index: HashIndex, codes: np.ndarray, fc: np.ndarray, exclude_patient: str | None = None
+) -> list[QueryWarning]:
+    """A query (one code, one ``fc``) farther from its nearest library nodule than the library's
+    own nodules are from theirs (the index's stored ``query_reference``)."""
+    reference = index.lineage.get("query_reference")
+    if not reference:
         return []
-    if best_euclidean is not None and "nearest_euclidean" in reference:
-        distance, limit, what = best_euclidean, reference["nearest_euclidean"], "feature (Euclidean) distance"
+    hamming, euclidean = nearest_in_library(index, codes[None], fc[None], [exclude_patient])
+    if hamming[0] < 0:
+        return []  # nothing to compare with (every item is the query's own patient)
+    if np.isfinite(euclidean[0]) and "nearest_euclidean" in reference:
+        distance, limit, what = float(euclidean[0]), reference["nearest_euclidean"], "feature (Euclidean) distance"
     else:
-        distance, limit, what = best_hamming, reference["nearest_hamming"], "Hamming distance"
+        distance, limit, what = float(hamming[0]), reference["nearest_hamming"], "Hamming distance"
     if distance <= limit:
         return []
     return [
@@ -122,15 +142,13 @@ def library_reference(
     return reference
 
 
-def reference_from_index(index, sample: int = REFERENCE_SAMPLE, seed: int = 0) -> dict[str, Any]:
+def reference_from_index(index: HashIndex, sample: int = REFERENCE_SAMPLE, seed: int = 0) -> dict[str, Any]:
     """:func:`library_reference` for a built index: up to ``sample`` of its items (seeded) searched
-    with their own stored codes and features in rerank mode, their own patient left out."""
-    from nodule_pipeline.hashing.search import search_batch
-
+    for their :func:`nearest_in_library` with their own stored codes and features, their own
+    patient left out."""
     if len(index) < 2:
         return {}
     rows = np.sort(np.random.default_rng(seed).permutation(len(index))[:sample])
     patients = index.items["patient_id"].astype(str).to_numpy()[rows].tolist()
     fc = np.asarray(index.fc[rows], dtype=np.float32)
-    result = search_batch(index, np.asarray(index.codes[rows]), fc, None, k=1, mode="rerank", exclude_patients=patients)
-    return library_reference(result.hamming[:, 0], result.euclidean[:, 0])
+    return library_reference(*nearest_in_library(index, np.asarray(index.codes[rows]), fc, patients))

@@ -240,6 +240,7 @@ class NoduleSearcher:
         self.model, self.index, self.model_version = model, index, model_version
         self._nodule_rows: dict[str, np.ndarray] | None = None
         self.nodule_of_row = nodule_of_rows(index)
+        self._rows_per_nodule = rows_for_nodules(self.nodule_of_row, 1)  # once, not per query
         self.data_dir: Path | None = None
         self._left_out: set[str] | None = None
         self.diagnoses: dict[str, dict[str, str] | None] = {}
@@ -277,7 +278,7 @@ class NoduleSearcher:
 
     def _rows_to_ask(self, k: int, unit: str) -> int:
         """Rows the search core returns for k hits: k annotations, or enough rows to hold k nodules."""
-        return k if unit == "annotation" else rows_for_nodules(self.nodule_of_row, k)
+        return k if unit == "annotation" else k * self._rows_per_nodule
 
     def _check_position_query(
         self, voxel: object, position_mm: object, k: int, mode: str, source: str, unit: str = "nodule"
@@ -316,11 +317,7 @@ class NoduleSearcher:
         )
         if unit == "nodule":
             hits = fold_hits(hits, self.nodule_of_row, k)
-        warnings = image_warnings(roi) + distance_warnings(
-            min((hit.hamming for hit in hits), default=None),
-            min((hit.euclidean for hit in hits if hit.euclidean is not None), default=None),
-            self.index.lineage.get("query_reference"),
-        )
+        warnings = image_warnings(roi) + distance_warnings(self.index, encoded.codes[0], encoded.fc[0], exclude_patient)
         return SearchResponse(roi, predicted, float(encoded.probs[0, 1]), hits, unit, warnings)
 
     def nodule_rows(self, nodule_id: str) -> np.ndarray:
