@@ -47,6 +47,8 @@ def _print_summary(summary, data_dir: Path) -> None:
         )
         if model.get("small_data"):
             print(f"  {model['small_data']}")
+        if model.get("validation"):
+            print(f"  validation {model['validation']}")
     if summary.model_verdict:
         print(f"  {summary.model_verdict}")
     index = summary.library_metadata.get("hash_index", {})
@@ -157,7 +159,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     import json
 
     from nodule_pipeline.hashing.searcher import NoduleSearcher, load_query_roi
-    from nodule_pipeline.pictures import search_results
+    from nodule_pipeline.pictures import hit_caption, search_results
 
     positions = (args.at, args.at_mm)
     given = [args.roi is not None, args.nodule is not None, args.dicom is not None or positions != (None, None)]
@@ -188,8 +190,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"query\np(malig.) {response.malignant_probability:.2f}",
             [rois[hit.row] if rois is not None else blank for hit in hits],
             [hit.label for hit in hits],
-            [f"#{hit.rank} {hit.nodule_id}\nham {hit.hamming}" for hit in hits],
-        )
+            [hit_caption(hit.rank, hit.nodule_id, f"ham {hit.hamming}") for hit in hits],
+        ).png()
         try:
             Path(args.picture).write_bytes(png)
         except OSError as error:

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from nodule_pipeline.hashing.training import EpochStats
 
 LUNG_WINDOW = (-600.0, 1500.0)
@@ -76,54 +80,129 @@ def markdown_image(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
 
 
+CAPTION_FONT_SIZE = 10
+"""Caption text height in pixels: a full LIDC nodule id (``LIDC-IDRI-0526-N01``) fits one line of
+a tile at zoom 3."""
+
+
+def caption_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's own font at :data:`CAPTION_FONT_SIZE` (its fixed bitmap font without FreeType)."""
+    return ImageFont.load_default(size=CAPTION_FONT_SIZE)
+
+
+def hit_caption(rank: int, nodule_id: str, detail: str = "") -> str:
+    """A result tile's caption: its rank (and ``detail``, e.g. the Hamming distance) over the
+    whole nodule id, the id users search with, never cut."""
+    return f"#{rank} {detail}".rstrip() + f"\n{nodule_id}"
+
+
+def wrap_caption(caption: str, width: float, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> list[str]:
+    """The caption as lines at most ``width`` pixels wide in ``font``: its own lines, broken further
+    after spaces, then after hyphens, then between characters, so that no character is lost (a
+    space where a line breaks is dropped)."""
+    lines: list[str] = []
+    for paragraph in caption.split("\n"):
+        line = ""
+        for piece in re.findall(r"[^ -]*[ -]+|[^ -]+", paragraph):
+            if font.getlength((line + piece).rstrip()) <= width:
+                line += piece
+                continue
+            if line.strip():
+                lines.append(line.rstrip())
+            line = ""
+            for character in piece:  # a piece wider than the tile: broken between characters
+                if line and font.getlength((line + character).rstrip()) > width:
+                    lines.append(line)
+                    line = ""
+                line += character
+        lines.append(line.rstrip())
+    return lines
+
+
+@dataclass(frozen=True)
+class CaptionLine:
+    """One caption line as drawn: its tile's left and right edges, where it starts, its text."""
+
+    tile: tuple[int, int]
+    xy: tuple[int, int]
+    text: str
+
+
+@dataclass(frozen=True)
+class Montage:
+    """A picture of tiles and the caption lines drawn on it."""
+
+    image: Image.Image
+    captions: list[CaptionLine]
+
+    def png(self) -> bytes:
+        return to_png(self.image)
+
+
 def search_results(
     query: np.ndarray,
     query_caption: str,
-    results: np.ndarray,
-    result_labels: list[int],
-    result_captions: list[str],
+    results: Sequence[np.ndarray],
+    result_labels: Sequence[int],
+    result_captions: Sequence[str],
     zoom: int = 3,
-) -> bytes:
-    """The query beside its results, each framed in its label's colour and captioned."""
+) -> Montage:
+    """The query beside its results, each framed in its label's colour and captioned in full
+    (wrapped to its tile, the caption band as tall as the longest caption)."""
+    font = caption_font()
     side = query.shape[0] * zoom
-    tile, caption_h = side + 6, 28
-    canvas = Image.new("RGB", ((len(results) + 1) * tile + 10, tile + caption_h), (20, 20, 20))
+    tile = side + 6
+    entries = [(query, None, query_caption), *zip(results, result_labels, result_captions, strict=True)]
+    wrapped = [wrap_caption(caption, tile - 4, font) for _, _, caption in entries]
+    step = max(font.getbbox(line)[3] for lines in wrapped for line in [*lines, "Ag"]) + 1
+    caption_h = step * max(len(lines) for lines in wrapped) + 4
+    canvas = Image.new("RGB", (len(entries) * tile + 10, tile + caption_h), (20, 20, 20))
     draw = ImageDraw.Draw(canvas)
-    entries = [(query, None, query_caption), *zip(results, result_labels, result_captions)]
-    for position, (image, label, caption) in enumerate(entries):
+    placed: list[CaptionLine] = []
+    for position, ((image, label, _), lines) in enumerate(zip(entries, wrapped, strict=True)):
         x = position * tile + (10 if position else 0)
         frame = (255, 255, 255) if label is None else LABEL_COLOURS.get(int(label), (128, 128, 128))
         draw.rectangle([x, 0, x + tile - 1, tile - 1], fill=frame)
-        grey = grey_tile(image, side)
-        canvas.paste(grey.convert("RGB"), (x + 3, 3))
-        for line, text in enumerate(caption.split("\n")[:2]):
-            draw.text((x + 2, tile + 2 + 12 * line), text[: tile // 6], fill=(230, 230, 230))
-    return to_png(canvas)
+        canvas.paste(grey_tile(image, side).convert("RGB"), (x + 3, 3))
+        for line, text in enumerate(lines):
+            placed.append(CaptionLine((x, x + tile), (x + 2, tile + 2 + step * line), text))
+            draw.text(placed[-1].xy, text, fill=(230, 230, 230), font=font)
+    return Montage(canvas, placed)
 
 
-def training_curves(history: Sequence[EpochStats], selected_epoch: int, title: str) -> bytes:
-    """Cross-entropy and accuracy per epoch, training (solid) and validation (dashed) when there is
-    one, with the epoch whose weights were kept marked."""
+def training_curves_figure(history: Sequence[EpochStats], selected_epoch: int, title: str) -> Figure:
+    """Cross-entropy and accuracy per epoch, training (solid) and validation (dashed) when there was
+    one, with the epoch whose weights were kept marked; the axis names validation only then."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [h.epoch for h in history]
+    validated = bool(history) and history[0].val_loss is not None
     figure, loss_axis = plt.subplots(figsize=(5, 3), dpi=80)
     accuracy_axis = loss_axis.twinx()
     loss_axis.plot(epochs, [h.loss for h in history], color="tab:red", marker="o", markersize=2)
     accuracy_axis.plot(epochs, [h.accuracy for h in history], color="tab:blue", marker="o", markersize=2)
-    if history and history[0].val_loss is not None:
+    if validated:
         loss_axis.plot(epochs, [h.val_loss for h in history], color="tab:red", linestyle="--")
         accuracy_axis.plot(epochs, [h.val_accuracy for h in history], color="tab:blue", linestyle="--")
     loss_axis.axvline(selected_epoch, color="grey", linewidth=1, linestyle=":")
-    loss_axis.set_xlabel(f"epoch (kept: {selected_epoch}; dashed: validation)")
+    kept = f"kept: {selected_epoch}; dashed: validation" if validated else f"kept: {selected_epoch}"
+    loss_axis.set_xlabel(f"epoch ({kept})")
     loss_axis.set_ylabel("cross-entropy", color="tab:red")
     accuracy_axis.set_ylabel("accuracy", color="tab:blue")
     accuracy_axis.set_ylim(0, 1)
     loss_axis.set_title(title)
     figure.tight_layout()
+    return figure
+
+
+def training_curves(history: Sequence[EpochStats], selected_epoch: int, title: str) -> bytes:
+    """:func:`training_curves_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = training_curves_figure(history, selected_epoch, title)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -227,10 +228,23 @@ def test_save_load_round_trip(tmp_path, data, trained) -> None:
     loaded = load_model(folder)
     assert loaded.network == trained.network and loaded.config == trained.config
     assert loaded.normalisation == trained.normalisation and loaded.history == trained.history
+    assert trained.validation.startswith("skipped: 24 training patients, fewer than 50")  # fraction 0.1
+    assert (loaded.validation, loaded.validation_patients) == (trained.validation, 0)
+    assert loaded.used_config == replace(trained.config, validation_fraction=0.0)
     before, after = encode(trained, images), encode(loaded, images)
     for name in ("codes", "fc", "probs", "predicted"):
         np.testing.assert_array_equal(getattr(before, name), getattr(after, name))
     json.loads((folder / "model.json").read_text())
+
+
+def test_a_model_saved_before_the_validation_note_loads(tmp_path, trained) -> None:
+    folder = tmp_path / "model"
+    save_model(trained, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    del meta["validation"], meta["validation_patients"]
+    (folder / "model.json").write_text(json.dumps(meta))
+    loaded = load_model(folder)
+    assert (loaded.validation, loaded.validation_patients) == ("", 0) and not loaded.validated
 
 
 def test_save_refuses_a_card_that_is_not_json_and_keeps_the_old_model(tmp_path, trained) -> None:

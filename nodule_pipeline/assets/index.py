@@ -23,7 +23,7 @@ from nodule_pipeline.hashing.index import HashIndex, build_index, bytes_per_item
 from nodule_pipeline.hashing.query_checks import reference_from_index
 from nodule_pipeline.hashing.search import fold_hits, nodule_of_rows, rows_for_nodules, search
 from nodule_pipeline.hashing.training import encode
-from nodule_pipeline.pictures import markdown_image, search_results
+from nodule_pipeline.pictures import hit_caption, markdown_image, search_results
 from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, roi_images, table_fingerprint
 
 EXAMPLE_QUERIES = 3
@@ -60,8 +60,8 @@ def example_pictures(index, model, queries: pd.DataFrame, k: int = 6) -> str:
             f"query {row['nodule_id']}\nlabel {int(row['label'])}",
             [index.rois[h.row] for h in hits],
             [h.label for h in hits],
-            [f"{h.nodule_id}\nham {h.hamming}" for h in hits],
-        )
+            [hit_caption(rank, h.nodule_id, f"ham {h.hamming}") for rank, h in enumerate(hits, 1)],
+        ).png()
         pictures.append(markdown_image(png, f"query {row['nodule_id']}"))
     return "\n\n".join(pictures) or "no test queries"
 

@@ -71,8 +71,37 @@ class TrainingConfig(Config):
         return NetworkConfig(self.bits, self.variant, lstm_hidden=self.lstm_hidden, attention_dim=self.lstm_hidden)
 
     def training(self) -> TrainConfig:
-        recipe_fields = set(TrainConfig.__dataclass_fields__) & set(type(self).model_fields)
-        return TrainConfig.recipe(self.recipe, **{name: getattr(self, name) for name in sorted(recipe_fields)})
+        return TrainConfig.recipe(self.recipe, **{name: getattr(self, name) for name in self.recipe_fields()})
+
+    @classmethod
+    def recipe_fields(cls) -> list[str]:
+        """The fields that are :class:`TrainConfig`'s (None: the recipe's value)."""
+        return sorted(set(TrainConfig.__dataclass_fields__) & set(cls.model_fields))
+
+    def as_trained(self, network: NetworkConfig, trained: TrainConfig) -> dict:
+        """This config with the values it trained with (``trained``: the recipe's, fitted to the
+        data) in place of the empty ones, exactly: what ``hash_model``'s ``config`` shows, and what
+        the runner compares the settings it is asked for with."""
+        return {
+            **self.model_dump(),
+            **{name: getattr(trained, name) for name in self.recipe_fields()},
+            "lstm_hidden": network.lstm_hidden,
+        }
+
+
+SIGNIFICANT_DIGITS = 4
+
+
+def readable(value):
+    """``value`` with every float in it (in dicts and lists too) to :data:`SIGNIFICANT_DIGITS`
+    significant digits, for metadata people read; the stored card keeps them exact."""
+    if isinstance(value, float | np.floating):
+        return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+    if isinstance(value, dict):
+        return {key: readable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [readable(item) for item in value]
+    return value
 
 
 def latest_metadata(context: AssetExecutionContext, asset: str) -> dict | None:
@@ -157,7 +186,9 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
         "measured": bool(metrics),
         "code_health": health,
         "network": network.to_dict(),
-        "training": settings.to_dict(),
+        "training": model.used_config.to_dict(),
+        "validation": model.validation,
+        "validation_patients": model.validation_patients,
         "small_data": small_data,
         "selected_epoch": model.selected_epoch,
         "epochs_run": len(model.history),
@@ -172,22 +203,28 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
         ModelArtefact(model, card),
         data_version=DataVersion(version),
         metadata={
-            "model_version": version,
-            "data_version": card["data_version"],
-            "device": model.device,
-            "train_rois": len(train),
-            "test_rois": len(test),
-            **{f"test_{name}": float(np.round(value, 4)) for name, value in metrics.items() if name != "n"},
-            "images_per_s": card["images_per_s"],
-            "seconds": card["seconds"],
-            "model_size_mb": round(size_mb, 2),
-            "selected_epoch": model.selected_epoch,
-            "measured": bool(metrics),
-            **({"small_data": small_data} if small_data else {}),
-            **{f"codes_{name}": value for name, value in health.items() if value is not None},
+            **readable(
+                {
+                    "model_version": version,
+                    "data_version": card["data_version"],
+                    "device": model.device,
+                    "train_rois": len(train),
+                    "test_rois": len(test),
+                    **{f"test_{name}": value for name, value in metrics.items() if name != "n"},
+                    "images_per_s": card["images_per_s"],
+                    "seconds": card["seconds"],
+                    "model_size_mb": size_mb,
+                    "selected_epoch": model.selected_epoch,
+                    "validation": model.validation,
+                    "measured": bool(metrics),
+                    **({"small_data": small_data} if small_data else {}),
+                    **{f"codes_{name}": value for name, value in health.items() if value is not None},
+                }
+            ),
             "curves": MetadataValue.md(markdown_image(curve, "loss and accuracy per epoch")),
-            "card": MetadataValue.json(card),
-            "config": MetadataValue.json(config.model_dump()),
+            "card": MetadataValue.json(readable(card)),
+            # exact, not rounded: the settings as typed or the recipe's, which the runner compares
+            "config": MetadataValue.json(config.as_trained(network, model.used_config)),
         },
     )
     accuracy = metrics.get("accuracy")
@@ -197,7 +234,7 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
         check_name=ACCURACY_FLOOR,
         passed=passed,
         metadata={
-            "test_accuracy": float(accuracy) if accuracy is not None else -1.0,
+            "test_accuracy": readable(float(accuracy)) if accuracy is not None else -1.0,
             "measured": accuracy is not None,
             "floor": config.accuracy_floor,
             "test_rois": len(test),

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from nodule_pipeline.hashing.evaluation import Evaluation
-from nodule_pipeline.pictures import search_results, to_png
+from nodule_pipeline.pictures import hit_caption, search_results, to_png
 from nodule_pipeline.roi_table import roi_images
 from nodule_pipeline.storage import atomic_write
 
@@ -311,15 +311,14 @@ def examples_figure(evaluation: Evaluation) -> bytes:
     rows = []
     for q in picks:
         ranked = [r for r in evaluation.example_rankings[q] if r >= 0]
-        png = search_results(
+        montage = search_results(
             query_images[q],
-            "Q " + ("malig." if int(queries["label"].iloc[q]) else "benign"),
+            f"query, {'malignant' if int(queries['label'].iloc[q]) else 'benign'}\n{queries['nodule_id'].iloc[q]}",
             [database_images[r] for r in ranked],
             [int(database["label"].iloc[r]) for r in ranked],
-            [f"#{i + 1} {database['nodule_id'].iloc[r].removeprefix('LIDC-IDRI-')}" for i, r in enumerate(ranked)],
-            zoom=2,
+            [hit_caption(i + 1, database["nodule_id"].iloc[r]) for i, r in enumerate(ranked)],
         )
-        rows.append(Image.open(io.BytesIO(png)).convert("RGB"))
+        rows.append(montage.image)
     width = max(image.width for image in rows)
     canvas = Image.new("RGB", (width, sum(image.height for image in rows)), (20, 20, 20))
     y = 0

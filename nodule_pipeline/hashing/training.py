@@ -221,6 +221,19 @@ class TrainedModel:
     seconds: float = 0.0
     images_per_s: float = 0.0
     selected_epoch: int = 0  # the epoch whose weights these are (the best on validation, else the last)
+    validation_patients: int = 0  # training patients held out for validation (0: none)
+    validation: str = ""  # that in words, or why there was no validation ("" in models saved before)
+
+    @property
+    def validated(self) -> bool:
+        """Whether validation picked the epoch kept (validation figures in the history)."""
+        return any(epoch.val_loss is not None for epoch in self.history)
+
+    @property
+    def used_config(self) -> TrainConfig:
+        """:attr:`config` as it trained: ``validation_fraction`` 0 where no validation split was
+        carved out (too few patients), which trains exactly as the fraction asked for did."""
+        return self.config if self.validated else replace(self.config, validation_fraction=0.0)
 
 
 @dataclass(frozen=True)
@@ -272,6 +285,27 @@ def validation_patients(
         members = members[rng.permutation(len(members))]
         chosen.extend(members[: round(fraction * len(members))].tolist())
     return np.isin(inverse, chosen)
+
+
+def validation_note(patient_ids: np.ndarray, held_out: np.ndarray, fraction: float) -> str:
+    """Whether training had a validation split, in words for the model card: how many patients
+    it held, or why there was none."""
+    patient_ids = np.asarray(patient_ids).astype(str)
+    patients = len(np.unique(patient_ids))
+    if fraction == 0:
+        return "off: validation_fraction 0, the last epoch kept"
+    if held_out.any():
+        held = len(np.unique(patient_ids[held_out]))
+        return f"ran: {held} of {patients} training patients held out, the epoch of least validation loss kept"
+    needed = math.ceil(MIN_VALIDATION_PATIENTS / fraction)
+    if patients < needed:
+        return (
+            f"skipped: {patients} training patients, fewer than {needed} ({MIN_VALIDATION_PATIENTS} validation "
+            f"patients at validation_fraction {fraction}); trained on all, the last epoch kept"
+        )
+    return (
+        f"skipped: validation_fraction {fraction} of {patients} training patients rounds to none; the last epoch kept"
+    )
 
 
 def _param_groups(module: torch.nn.Module, l2: float) -> list[dict[str, Any]]:
@@ -373,6 +407,7 @@ def train_hash_model(
         held_out = validation_patients(patient_ids, y_all, config.validation_fraction, rng)
     if (~held_out).sum() < 2:
         raise ValueError("fewer than 2 ROIs left to train on after holding out validation patients")
+    validation = validation_note(patient_ids, held_out, config.validation_fraction)
     images = np.asarray(images)
     x_fit, stats = normalise_rois(images[~held_out])
     device = resolve_device(config.device)
@@ -468,6 +503,8 @@ def train_hash_model(
         seconds=train_seconds,
         images_per_s=trained_images / train_seconds if train_seconds > 0 else 0.0,
         selected_epoch=best[2] if best[1] is not None else len(history),
+        validation_patients=len(np.unique(patient_ids[held_out].astype(str))),
+        validation=validation,
     )
 
 
@@ -523,6 +560,8 @@ def save_model(model: TrainedModel, folder: Path, card: dict[str, Any] | None = 
         "seconds": model.seconds,
         "images_per_s": model.images_per_s,
         "selected_epoch": model.selected_epoch,
+        "validation_patients": model.validation_patients,
+        "validation": model.validation,
         "torch_version": torch.__version__,
         "card": card or {},
     }
@@ -579,6 +618,8 @@ def load_model(folder: Path, map_location: str | torch.device = "cpu") -> Traine
         seconds=float(meta.get("seconds", 0.0)),
         images_per_s=float(meta.get("images_per_s", 0.0)),
         selected_epoch=int(meta.get("selected_epoch", len(history))),
+        validation_patients=int(meta.get("validation_patients", 0)),
+        validation=str(meta.get("validation", "")),
     )
 
 
