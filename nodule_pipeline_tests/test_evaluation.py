@@ -129,6 +129,9 @@ def test_report_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtu
     markdown = (out / "evaluation.md").read_text()
     assert "| Ours (hierarchical) |" in markdown and "### Code health" in markdown
     assert "trained from scratch on the training split" in markdown and "## Leakage" in markdown
+    # too few training patients to hold any out: the report says validation did not run
+    assert report["study_validation"].startswith("skipped: ") and "fewer than 50" in report["study_validation"]
+    assert f"validation {report['study_validation']}" in markdown
 
 
 def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:

@@ -52,7 +52,15 @@ from nodule_pipeline.hashing.network import VARIANTS, NetworkConfig, normalise_r
 from nodule_pipeline.hashing.pathology import pathology
 from nodule_pipeline.hashing.search import rank_by_distance, rank_by_hamming, search_batch, stable_keys
 from nodule_pipeline.hashing.searcher import NoduleSearcher
-from nodule_pipeline.hashing.training import Encoded, TrainConfig, classification_metrics, encode, train_hash_model
+from nodule_pipeline.hashing.training import (
+    Encoded,
+    TrainConfig,
+    classification_metrics,
+    encode,
+    train_hash_model,
+    validation_note,
+    validation_rows,
+)
 from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, assign_split, roi_images
 
 SEARCH_MODES = ("hamming", "rerank", "hierarchical")
@@ -335,6 +343,9 @@ def evaluate(
     ks = config.ks
 
     report: dict[str, Any] = {"split_mode": split_mode, "n_queries": len(test), "n_database": len(train)}
+    patients, labels = train["patient_id"].to_numpy(), train["label"].to_numpy()
+    held_out = validation_rows(patients, labels, recipe.validation_fraction, np.random.default_rng(0))
+    report["study_validation"] = validation_note(patients, held_out, recipe.validation_fraction)
     predictions: dict[str, np.ndarray] = {}
     if deployed is not None:
         log("the deployed model through its index")

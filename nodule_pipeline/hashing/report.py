@@ -238,8 +238,9 @@ def render_markdown(report: dict[str, Any], figures: bool = True) -> str:
         f"{report['n_queries']} test queries against {report['n_database']} training ROIs, {report['bits']} bits; "
         "each hit a reader annotation, the paper's unit, so a nodule read by four readers can fill four places) "
         f"under the same recipe as the deployed model (at most {recipe.get('epochs', '?')} epochs, "
-        f"augmentation {'on' if recipe.get('augment') else 'off'}, validation fraction "
-        f"{recipe.get('validation_fraction', '?')}); its figures are not the deployed model's. "
+        f"augmentation {'on' if recipe.get('augment') else 'off'}, validation "
+        f"{report.get('study_validation') or recipe.get('validation_fraction', '?')}); its figures are not the "
+        "deployed model's. "
         f"{PAPER_OBJECTIVE_NOTE} Relevance = the same readers' label; metrics as docs/metrics.md defines them; "
         "equal distances are settled by nodule id. All numbers in percent.",
         "### Classification (Table 2 analogue)",

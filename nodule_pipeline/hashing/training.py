@@ -287,6 +287,15 @@ def validation_patients(
     return np.isin(inverse, chosen)
 
 
+def validation_rows(
+    patient_ids: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """:func:`validation_patients`, or none held out when validation is off (fraction 0)."""
+    if fraction > 0:
+        return validation_patients(patient_ids, labels, fraction, rng)
+    return np.zeros(len(patient_ids), dtype=bool)
+
+
 def validation_note(patient_ids: np.ndarray, held_out: np.ndarray, fraction: float) -> str:
     """Whether training had a validation split, in words for the model card: how many patients
     it held, or why there was none."""
@@ -402,9 +411,7 @@ def train_hash_model(
     order = canonical_order(images, y_all, patient_ids)
     images, y_all, patient_ids = np.asarray(images)[order], y_all[order], np.asarray(patient_ids)[order]
     rng = np.random.default_rng(config.seed)
-    held_out = np.zeros(len(y_all), dtype=bool)
-    if config.validation_fraction > 0:
-        held_out = validation_patients(patient_ids, y_all, config.validation_fraction, rng)
+    held_out = validation_rows(patient_ids, y_all, config.validation_fraction, rng)
     if (~held_out).sum() < 2:
         raise ValueError("fewer than 2 ROIs left to train on after holding out validation patients")
     validation = validation_note(patient_ids, held_out, config.validation_fraction)
