@@ -165,6 +165,11 @@ def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:
     assert headline["code_health"]["items"] == len(index)
     assert headline["unit"] == "nodule" and headline["n_database_nodules"] == index.items["nodule_id"].nunique()
     assert "each hit a distinct nodule" in render_markdown(evaluation.report)
+    # both APs, for every search mode and for the study's methods: the textbook one never above the
+    # pinned one (its denominator min(k, relevant) is at least the relevant items retrieved)
+    for metrics in [*headline["modes"].values(), evaluation.report["ours"]]:
+        assert 0 <= metrics["trec_map_at_k"]["10"] <= metrics["map_at_k"]["10"]
+    assert "| TREC MAP@10 |" in render_markdown(evaluation.report)
     # the rankings are the searcher's, query by query
     for q in (0, len(test) - 1):
         hits = deployed.searcher.search_roi(roi_images(test)[q], k=10, exclude_patient=test["patient_id"].iloc[q]).hits

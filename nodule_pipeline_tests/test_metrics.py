@@ -84,6 +84,24 @@ def test_average_precision_at_k(relevance: np.ndarray) -> None:
     assert m.mean_average_precision(relevance, 5) == pytest.approx(79 / 180)
 
 
+def test_trec_average_precision_divides_by_the_relevant_items_it_could_retrieve(
+    relevance: np.ndarray, counts: np.ndarray
+) -> None:
+    # q0, k=5: P@1 + P@3 + P@5 = 1 + 2/3 + 3/5 = 34/15, over min(5, 4 relevant) = 4 -> 17/30
+    # q1: none in the database -> 0; q2: 3 / min(5, 3) = 1; q3: nothing retrieved of 3 -> 0
+    np.testing.assert_allclose(m.trec_average_precision_at_k(relevance, counts, 5), [17 / 30, 0.0, 1.0, 0.0])
+    # k=2: q0 P@1 = 1 over min(2, 4) = 2 -> 1/2 (pinned AP: 1); q2 (1 + 1) / 2 = 1
+    np.testing.assert_allclose(m.trec_average_precision_at_k(relevance, counts, 2), [0.5, 0.0, 1.0, 0.0])
+    # k=10 > returned columns: the denominator is min(10, relevant) -> as at k=5
+    np.testing.assert_allclose(m.trec_average_precision_at_k(relevance, counts, 10), [17 / 30, 0.0, 1.0, 0.0])
+    # "relevant, then misses" with 5 relevant in the database: pinned AP@4 = 1, TREC AP@4 = 1/4
+    one_hit = np.array([[True, False, False, False]])
+    assert m.trec_average_precision_at_k(one_hit, np.array([5]), 4)[0] == pytest.approx(0.25)
+    assert m.trec_average_precision_at_k(one_hit, np.array([1]), 4)[0] == 1.0  # the only relevant item, first
+    with pytest.raises(ValueError, match="relevant_in_db"):
+        m.trec_average_precision_at_k(relevance, np.array([1, 0, 3, 3]), 5)
+
+
 def test_recall_and_f1_at_k(relevance: np.ndarray, counts: np.ndarray) -> None:
     # k=5: q0 3 of 4 -> 0.75; q1 database holds none -> 0; q2 3 of 3 -> 1; q3 0 of 3 -> 0
     np.testing.assert_allclose(m.recall_at_k(relevance, counts, 5), [0.75, 0.0, 1.0, 0.0])
@@ -129,8 +147,11 @@ def test_retrieval_metrics_shape_and_means(relevance: np.ndarray, counts: np.nda
     assert report["p_at_10"] == report["precision_at_10"] == pytest.approx(0.15)
     assert report["recall_at_10"] == pytest.approx(0.4375)
     assert report["f1_at_10"] == pytest.approx((3 / 7 + 6 / 13) / 4)
-    assert report["per_k"]["5"] == pytest.approx({"map": 79 / 180, "precision": 0.3, "recall": 0.4375, "f1": 17 / 48})
-    # f1@5 = (2/3 + 0.75) / 4 = (8/12 + 9/12) / 4 = 17/48
+    # f1@5 = (2/3 + 0.75) / 4 = (8/12 + 9/12) / 4 = 17/48; TREC MAP@5 = (17/30 + 0 + 1 + 0) / 4 = 47/120
+    assert report["per_k"]["5"] == pytest.approx(
+        {"map": 79 / 180, "trec_map": 47 / 120, "precision": 0.3, "recall": 0.4375, "f1": 17 / 48}
+    )
+    assert report["trec_map_at_k"] == pytest.approx({"2": (0.5 + 1) / 4, "5": 47 / 120})
     json.dumps(report)  # plain Python numbers only
     assert list(m.retrieval_metrics(relevance, counts)["map_at_k"]) == ["5", "10", "20", "50", "100"]
     with pytest.raises(ValueError, match="no queries"):

@@ -15,6 +15,9 @@ Pinned definitions, per query, for a cut-off ``k``:
   relevant item is in the top k. (The denominator is the number of relevant items *retrieved*,
   not ``min(k, relevant in database)``, as the design states.)
 - ``MAP@k`` = mean ``AP@k`` over all queries.
+- ``TREC AP@k`` = the sum of ``P@i`` over the ranks ``i <= k`` holding a relevant item, divided by
+  ``min(k, relevant in database)``: the textbook AP, reported beside the pinned one
+  (``trec_map_at_k``); "relevant, then nine misses" scores 1 pinned and 1/min(10, R) here.
 - ``R@k``  = relevant in the top k / relevant in the database; 0 when the database holds none.
 - ``F1@k`` = harmonic mean of ``P@k`` and ``R@k``; 0 when both are 0.
 
@@ -181,6 +184,20 @@ def average_precision_at_k(relevance: np.ndarray, k: int) -> np.ndarray:
     return np.divide(summed, hits, out=np.zeros(len(top)), where=hits > 0)
 
 
+def trec_average_precision_at_k(relevance: np.ndarray, relevant_in_db: np.ndarray, k: int) -> np.ndarray:
+    """(q,) TREC AP@k = sum of P@i over the ranks i <= k holding a relevant item / min(k, relevant
+    in the database); 0 when the database holds none."""
+    relevance, k = _check_relevance(relevance), _check_k(k)
+    counts = _check_counts(relevant_in_db, len(relevance))
+    top = relevance[:, :k]
+    if np.any(top.sum(axis=1) > counts):
+        raise ValueError("more relevant items retrieved than the database holds: relevant_in_db does not match")
+    precision_at_i = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
+    summed = np.where(top, precision_at_i, 0.0).sum(axis=1)
+    denominator = np.minimum(counts, k)
+    return np.divide(summed, denominator, out=np.zeros(len(top)), where=denominator > 0)
+
+
 def mean_average_precision(relevance: np.ndarray, k: int) -> float:
     """MAP@k = mean AP@k over all queries."""
     ap = average_precision_at_k(relevance, k)
@@ -208,24 +225,29 @@ def f1_at_k(relevance: np.ndarray, relevant_in_db: np.ndarray, k: int) -> np.nda
 
 
 def per_query_metrics(relevance: np.ndarray, relevant_in_db: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """Per-query ``ap``, ``precision``, ``recall``, ``f1`` at ``k``: the samples that
+    """Per-query ``ap``, ``trec_ap``, ``precision``, ``recall``, ``f1`` at ``k``: the samples that
     :func:`bootstrap_interval` resamples."""
     return {
         "ap": average_precision_at_k(relevance, k),
+        "trec_ap": trec_average_precision_at_k(relevance, relevant_in_db, k),
         "precision": precision_at_k(relevance, k),
         "recall": recall_at_k(relevance, relevant_in_db, k),
         "f1": f1_at_k(relevance, relevant_in_db, k),
     }
 
 
+MEAN_NAMES = {"ap": "map", "trec_ap": "trec_map"}
+"""The mean over queries of a per-query AP is a MAP."""
+
+
 def retrieval_metrics(
     relevance: np.ndarray, relevant_in_db: np.ndarray, ks: Sequence[int] = DEFAULT_KS
 ) -> dict[str, Any]:
-    """Mean metrics over the queries, shaped for the evaluation report (issue 4)::
+    """Mean metrics over the queries, shaped for the evaluation report::
 
-        {"n_queries": q, "map_at_k": {"5": .., "10": .., ...},
+        {"n_queries": q, "map_at_k": {"5": .., "10": .., ...}, "trec_map_at_k": {"5": .., ...},
          "p_at_10": .., "precision_at_10": .. (the same number), "recall_at_10": .., "f1_at_10": ..,
-         "per_k": {"5": {"map": .., "precision": .., "recall": .., "f1": ..}, ...}}
+         "per_k": {"5": {"map": .., "trec_map": .., "precision": .., "recall": .., "f1": ..}, ...}}
 
     The @10 entries are always present (the paper's headline cut-off) whether or not 10 is in
     ``ks``. Plain Python floats, so the dict goes straight to JSON.
@@ -239,11 +261,12 @@ def retrieval_metrics(
     per_k: dict[str, dict[str, float]] = {}
     for k in sorted(set(ks) | {10}):
         per_query = per_query_metrics(relevance, relevant_in_db, k)
-        per_k[str(k)] = {("map" if name == "ap" else name): float(v.mean()) for name, v in per_query.items()}
+        per_k[str(k)] = {MEAN_NAMES.get(name, name): float(v.mean()) for name, v in per_query.items()}
     at_10 = per_k["10"]
     return {
         "n_queries": len(relevance),
         "map_at_k": {str(k): per_k[str(k)]["map"] for k in sorted(set(ks))},
+        "trec_map_at_k": {str(k): per_k[str(k)]["trec_map"] for k in sorted(set(ks))},
         "p_at_10": at_10["precision"],
         "precision_at_10": at_10["precision"],
         "recall_at_10": at_10["recall"],
