@@ -246,7 +246,8 @@ def cmd_evaluate_rois(args: argparse.Namespace) -> int:
     print(
         f"ours (hierarchical): accuracy {ours['accuracy']:.4f}, P@10 {ours['p_at_10']:.4f}, "
         f"MAP@10 {ours['map_at_k']['10']:.4f} (mean {spread['mean']:.4f} ± {spread['std']:.4f} over "
-        f"{len(spread['values'])} seeds), nDCG@10 {report['ndcg_at_10']:.4f}; codes alone (flat Hamming) MAP@10 "
+        f"{len(spread['values'])} seeds), nDCG@10 {report['ndcg_at_10']:.4f} "
+        f"(within class {ours['ndcg_at_10_within_class']:.4f}); codes alone (flat Hamming) MAP@10 "
         f"{codes_alone:.4f}, {ours['code_health']['distinct_codes']} distinct codes"
         + (f"; best baseline {best} MAP@10 {retrieving[best]:.4f}" if best else "")
     )

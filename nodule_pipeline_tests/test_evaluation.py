@@ -20,6 +20,7 @@ from nodule_pipeline.hashing.evaluation import (
     EvaluationConfig,
     NotEnoughData,
     evaluate,
+    ranking_metrics,
 )
 from nodule_pipeline.hashing.index import build_index
 from nodule_pipeline.hashing.network import NetworkConfig
@@ -169,6 +170,14 @@ def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:
     # pinned one (its denominator min(k, relevant) is at least the relevant items retrieved)
     for metrics in [*headline["modes"].values(), evaluation.report["ours"]]:
         assert 0 <= metrics["trec_map_at_k"]["10"] <= metrics["map_at_k"]["10"]
+    # the appearance order inside the true label, for the deployed search and the study's methods
+    for metrics in (
+        headline["modes"]["hierarchical"],
+        evaluation.report["ours"],
+        *evaluation.report["objectives"].values(),
+    ):
+        assert 0 < metrics["ndcg_at_10_within_class"] <= 1
+    assert len(evaluation.report["ours"]["spread"]["ndcg_at_10_within_class"]["values"]) == 1
     assert "| TREC MAP@10 |" in render_markdown(evaluation.report)
     # the rankings are the searcher's, query by query
     for q in (0, len(test) - 1):
@@ -216,6 +225,32 @@ def test_rank_by_hamming_settles_ties_by_nodule_id_not_row() -> None:
     assert rank_by_hamming(query, database, stable_keys(items), 5).tolist() == [[1, 2, 0, -1, -1]]
     reversed_rows = rank_by_hamming(query, database[::-1], stable_keys(items.iloc[::-1]), 5)
     assert items["nodule_id"].to_numpy()[::-1][reversed_rows[0, :3]].tolist() == ["n-b", "n-a", "n-c"]
+
+
+def test_a_within_class_ranking_ranks_only_the_allowed_items() -> None:
+    database = np.array([[1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]], dtype=bool)
+    keys = stable_keys(pd.DataFrame({"nodule_id": ["n-a", "n-b", "n-c"]}))
+    query = np.zeros((1, 8), dtype=bool)
+    # the nearest item (row 1, Hamming 0) is of another label: the within-class ranking skips it
+    # and pads where the query's class runs out
+    allowed = np.array([[True, False, True]])
+    assert rank_by_hamming(query, database, keys, 3, allowed).tolist() == [[0, 2, -1]]
+    assert rank_by_hamming(query, database, keys, 3).tolist() == [[1, 0, 2]]
+
+
+def test_within_class_ndcg_scores_the_order_inside_the_label() -> None:
+    """A benign query against one malignant and two benign items, described by their ratings: a
+    ranking that puts the malignant item first loses gated nDCG, while its order inside the
+    benign class decides the within-class figure."""
+    queries = pd.DataFrame({"label": [0], "malignancy": [1.0], "texture": [5.0]})
+    database = pd.DataFrame({"label": [1, 0, 0], "malignancy": [5.0, 1.0, 2.0], "texture": [5.0, 5.0, 1.0]})
+    gated, within = np.array([[0, 2, 1]]), np.array([[1, 2, -1]])
+    metrics = ranking_metrics(gated, queries, database, (1, 2), within_class_rows=within)
+    assert metrics["ndcg_at_10_within_class"] == pytest.approx(1.0)  # the closer benign item first
+    assert metrics["ndcg_at_10"] < metrics["ndcg_at_10_within_class"]
+    worse = ranking_metrics(gated, queries, database, (1, 2), within_class_rows=np.array([[2, 1, -1]]))
+    assert worse["ndcg_at_10_within_class"] < 1.0
+    assert "ndcg_at_10_within_class" not in ranking_metrics(gated, queries, database, (1, 2))
 
 
 def test_a_table_without_both_classes_in_training_is_refused() -> None:

@@ -147,16 +147,25 @@ def ranking_metrics(
     database: pd.DataFrame,
     ks: tuple[int, ...],
     relevant_in_db: np.ndarray | None = None,
+    within_class_rows: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """MAP@k, P@k, R@k, F1@k and graded nDCG@10 of a ranking (rows of ``database`` per query)."""
+    """MAP@k, P@k, R@k, F1@k and graded nDCG@10 of a ranking (rows of ``database`` per query),
+    and ``ndcg_at_10_within_class`` of ``within_class_rows``: the same method ranking only the
+    database items of each query's true label, so that figure measures the order by appearance
+    alone, not the class gate."""
     query_labels, db_labels = queries["label"].to_numpy(), database["label"].to_numpy()
     relevance = ranked_relevance(query_labels, db_labels, ranked_rows)
     counts = relevant_counts(query_labels, db_labels) if relevant_in_db is None else relevant_in_db
     metrics = retrieval_metrics(relevance, counts, ks=ks)
-    _, metrics["ndcg_at_10"] = ndcg_at_k(
-        _ratings(queries), _ratings(database), query_labels, db_labels, ranked_rows, k=10
-    )
+    for key, rows in (("ndcg_at_10", ranked_rows), ("ndcg_at_10_within_class", within_class_rows)):
+        if rows is not None:
+            _, metrics[key] = ndcg_at_k(_ratings(queries), _ratings(database), query_labels, db_labels, rows, k=10)
     return metrics
+
+
+def _same_label(queries: pd.DataFrame, database: pd.DataFrame) -> np.ndarray:
+    """(q, n): the database items of each query's true label (what a within-class ranking may rank)."""
+    return queries["label"].to_numpy()[:, None] == database["label"].to_numpy()[None, :]
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
@@ -208,7 +217,11 @@ class _Study:
         items = self.train[["patient_id", "nodule_id"]]
         index = build_index(database.codes, database.fc, self.train["label"].to_numpy(), items, "evaluation")
         result = search_batch(index, queries.codes, queries.fc, queries.predicted, k=self.k_max, mode=mode)
-        metrics = ranking_metrics(result.rows, self.test, self.train, self.config.ks)
+        within = None
+        if mode == "hierarchical":  # the gate at the true class: the pool's order alone
+            labels = self.test["label"].to_numpy()
+            within = search_batch(index, queries.codes, queries.fc, labels, k=self.k_max, mode=mode).rows
+        metrics = ranking_metrics(result.rows, self.test, self.train, self.config.ks, within_class_rows=within)
         classified = classification_metrics(self.test["label"].to_numpy(), queries.predicted)
         metrics.update({name: classified[name] for name in CLASSIFICATION_KEYS})
         return metrics, result.rows
@@ -225,8 +238,10 @@ class _Study:
         queries = normalise_rois(self.test_images, stats)[0]
         database, queries = database.reshape(len(database), -1), queries.reshape(len(queries), -1)
         squared = (queries**2).sum(1)[:, None] - 2 * queries @ database.T + (database**2).sum(1)[None, :]
-        ranked = rank_by_distance(np.maximum(squared, 0), self.keys, self.k_max)
-        return ranking_metrics(ranked, self.test, self.train, self.config.ks)
+        squared = np.maximum(squared, 0)
+        ranked = rank_by_distance(squared, self.keys, self.k_max)
+        within = rank_by_distance(squared, self.keys, self.k_max, _same_label(self.test, self.train))
+        return ranking_metrics(ranked, self.test, self.train, self.config.ks, within_class_rows=within)
 
 
 def evaluate_deployed(
@@ -250,7 +265,11 @@ def evaluate_deployed(
     searched = {}
     for mode in SEARCH_MODES:
         searched[mode] = searcher.search_many(images, k=max(ks), mode=mode, exclude_patients=patients)
-        modes[mode] = ranking_metrics(searched[mode][1].rows, queries, database, ks, relevant)
+        within = None
+        if mode == "hierarchical":  # the gate at the true class: the order by appearance alone
+            labels = queries["label"].to_numpy()
+            within = searcher.search_many(images, max(ks), mode, patients, classes=labels)[1].rows
+        modes[mode] = ranking_metrics(searched[mode][1].rows, queries, database, ks, relevant, within)
     encoded, hierarchical = searched["hierarchical"]
     rankings, predicted = hierarchical.rows, encoded.predicted
     card_metrics = deployed.card.get("test_metrics") or {}
@@ -364,7 +383,7 @@ def evaluate(
     ours = dict(per_seed[0])
     ours["spread"] = {
         key: _spread([_headline(run)[key] for run in per_seed]) for key in ("accuracy", "p_at_10", "map_at_10")
-    }
+    } | {key: _spread([run[key] for run in per_seed]) for key in ("ndcg_at_10", "ndcg_at_10_within_class")}
     relevance = ranked_relevance(test["label"].to_numpy(), train["label"].to_numpy(), ours_rows)
     counts = relevant_counts(test["label"].to_numpy(), train["label"].to_numpy())
     ours["map_at_10_bootstrap_95"] = list(bootstrap_interval(per_query_metrics(relevance, counts, 10)["ap"]))
@@ -388,9 +407,10 @@ def evaluate(
         model = fit_hashing_baseline(
             name, study.train_images, train["label"].to_numpy(), config.bits, 0, epochs=config.baseline_epochs
         )
-        database_codes = model.encode(study.train_images)
-        ranked = rank_by_hamming(model.encode(study.test_images), database_codes, study.keys, study.k_max)
-        baselines[DISPLAY_NAMES[name]] = ranking_metrics(ranked, test, train, ks) | {
+        database_codes, query_codes = model.encode(study.train_images), model.encode(study.test_images)
+        ranked = rank_by_hamming(query_codes, database_codes, study.keys, study.k_max)
+        within = rank_by_hamming(query_codes, database_codes, study.keys, study.k_max, _same_label(test, train))
+        baselines[DISPLAY_NAMES[name]] = ranking_metrics(ranked, test, train, ks, within_class_rows=within) | {
             "code_health": code_health(database_codes, train["label"].to_numpy())
         }
     baselines[RAW_KNN] = study.raw_knn()

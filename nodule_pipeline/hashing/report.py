@@ -52,6 +52,7 @@ def _methods(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _retrieval_rows(methods: dict[str, dict[str, Any]], ks: list[str]) -> list[list[str]]:
     return [
         [name, _pct(m["p_at_10"]), _pct(m["recall_at_10"]), _pct(m["f1_at_10"]), _pct(m.get("ndcg_at_10"))]
+        + [_pct(m.get("ndcg_at_10_within_class"))]
         + [_pct(m["map_at_k"][k]) for k in ks]
         + [_pct((m.get("trec_map_at_k") or {}).get("10"))]
         for name, m in methods.items()
@@ -167,6 +168,7 @@ def _deployed_section(deployed: dict[str, Any]) -> list[str]:
             _pct(m["map_at_k"]["10"]),
             _pct((m.get("trec_map_at_k") or {}).get("10")),
             _pct(m["ndcg_at_10"]),
+            _pct(m.get("ndcg_at_10_within_class")),
         ]
         for mode, m in modes.items()
     ]
@@ -180,7 +182,7 @@ def _deployed_section(deployed: dict[str, Any]) -> list[str]:
         f"folded into one hit where its best one ranks). Accuracy {_pct(deployed['accuracy'])} (the model card's), "
         f"recall (malignant) {_pct(deployed['recall'])}, F1 {_pct(deployed['f1'])}; trained "
         f"{training.get('epochs', '?')} epochs at most, epoch {deployed.get('selected_epoch')} kept.",
-        _table(["search mode", "P@10", "MAP@10", "TREC MAP@10", "nDCG@10"], rows),
+        _table(["search mode", "P@10", "MAP@10", "TREC MAP@10", "nDCG@10", "within class"], rows),
         _table(["codes", *(label for _, label in HEALTH_COLUMNS)], _health_rows({"index": deployed["code_health"]})),
     ]
 
@@ -259,7 +261,7 @@ def render_markdown(report: dict[str, Any], figures: bool = True) -> str:
         "MAP@k is the pinned AP (divided by the relevant items retrieved); TREC MAP@10 divides by "
         "min(10, the relevant items in the database), the textbook AP (docs/metrics.md).",
         _table(
-            ["method", "P@10", "R@10", "F1@10", "nDCG@10"] + [f"MAP@{k}" for k in ks] + ["TREC MAP@10"],
+            ["method", "P@10", "R@10", "F1@10", "nDCG@10", "within class"] + [f"MAP@{k}" for k in ks] + ["TREC MAP@10"],
             _retrieval_rows(methods, ks),
         ),
         *(["![MAP@k](map_at_k.png)"] if figures else []),
@@ -277,7 +279,10 @@ def render_markdown(report: dict[str, Any], figures: bool = True) -> str:
         f"MAP@10 bootstrap 95% interval over queries (seed 0): {_pct(low)} to {_pct(high)}.",
         f"### Graded relevance\nnDCG@10 of ours: **{_pct(report['ndcg_at_10'])}**. Gain = same label x (1 - mean "
         "normalised difference of the readers' ratings; categorical ratings compared by equality), ideal DCG "
-        "over the whole database (`nodule_pipeline.hashing.metrics.graded_gain`).",
+        "over the whole database (`nodule_pipeline.hashing.metrics.graded_gain`). *Within class* "
+        "(`ndcg_at_10_within_class`): the same method ranking only the database items of the query's true "
+        "label, so it measures the order by appearance alone, not the label; the hierarchical search "
+        "gated at the true class for ours.",
     ]
     if report.get("leakage"):
         parts += _leakage_section(report["leakage"])

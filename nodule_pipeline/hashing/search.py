@@ -430,21 +430,29 @@ def _stable_keys(index: HashIndex) -> np.ndarray:
     return keys
 
 
-def rank_by_distance(distances: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+def rank_by_distance(distances: np.ndarray, keys: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
     """Database rows of the k smallest distances per query ((q, n) distances), equal distances
-    settled by ``keys`` (see :func:`stable_keys`), padded with -1 to k columns."""
+    settled by ``keys`` (see :func:`stable_keys`), padded with -1 to k columns. ``allowed``
+    ((q, n) bool): rank only those items (a query's own class, for the evaluation's within-class
+    order), padding where they run out."""
+    if allowed is not None:
+        distances = np.where(allowed, distances, np.inf)
     keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), distances.shape)
     order = np.lexsort((keys, distances), axis=1)[:, :k]
+    if allowed is not None:
+        order = np.where(np.take_along_axis(allowed, order, axis=1), order, -1)
     if order.shape[1] < k:
         order = np.pad(order, ((0, 0), (0, k - order.shape[1])), constant_values=-1)
     return order
 
 
-def rank_by_hamming(query_codes: np.ndarray, database_codes: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+def rank_by_hamming(
+    query_codes: np.ndarray, database_codes: np.ndarray, keys: np.ndarray, k: int, allowed: np.ndarray | None = None
+) -> np.ndarray:
     """The flat Hamming ranking of boolean codes (q, bits) against (n, bits) that the hashing
     baselines are scored with: :func:`rank_by_distance` on Hamming distances."""
     distances = hamming_distances_batch(pack_codes(query_codes), pack_codes(database_codes))
-    return rank_by_distance(distances, keys, k)
+    return rank_by_distance(distances, keys, k, allowed)
 
 
 # --------------------------------------------------------------------------- exact top-m selection

@@ -379,16 +379,19 @@ class NoduleSearcher:
         mode: str = "hierarchical",
         exclude_patients: list[str | None] | None = None,
         unit: str = "nodule",
+        classes: np.ndarray | None = None,
     ) -> tuple[Encoded, BatchResult]:
         """Many ROIs (n, 32, 32) at once, for evaluation: one encoding pass and one pass over the
-        codes, with the search core :meth:`search_roi` uses, so the hits are the same."""
+        codes, with the search core :meth:`search_roi` uses, so the hits are the same.
+        ``classes``: the hierarchical mode's gate, the predicted classes unless given (the true
+        labels give the evaluation its within-class ranking)."""
         self._check_options(k, mode, unit)
         encoded = encode(self.model, images)
         result = search_batch(
             self.index,
             encoded.codes,
             encoded.fc,
-            encoded.predicted,
+            encoded.predicted if classes is None else classes,
             k=self._rows_to_ask(k, unit),
             mode=mode,
             exclude_patients=exclude_patients,
