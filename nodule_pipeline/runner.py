@@ -8,9 +8,10 @@ code and results are unchanged are skipped, and runs a killed runner left "start
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,25 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     Definitions,
-    ExecuteInProcessResult,
+    JobDefinition,
     PreviewWarning,
     RunsFilter,
 )
+from dagster._core.definitions.job_base import InMemoryJob
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
+from dagster._core.execution.api import execute_run
+from dagster._core.execution.execute_in_process import merge_run_tags
+from dagster._core.execution.execution_result import ExecutionResult
+from dagster._core.origin import JobPythonOrigin
+from dagster._core.remote_origin import (
+    ManagedGrpcPythonEnvCodeLocationOrigin,
+    RemoteJobOrigin,
+    RemoteRepositoryOrigin,
+)
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
+import nodule_pipeline
 from nodule_pipeline import privacy
 from nodule_pipeline.arrivals import content_fingerprint
 from nodule_pipeline.assets.model import ACCURACY_FLOOR
@@ -67,6 +82,11 @@ concurrency:
 """The instance a new data dir gets: SQLite under ``<data-dir>/dagster``, the pools limited to one."""
 RUNNER_TAG = "nodule_pipeline/runner"
 """Host and pid of the runner process that executes a run in-process (see :func:`close_orphaned_runs`)."""
+CODE_LOCATION = "nodule_pipeline"
+"""The code location of the Definitions, as workspace.yaml and pyproject.toml (``[tool.dagster]``,
+``[tool.dg.project]``, what ``nodule-pipeline ui`` serves) name it."""
+IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+"""Run config of the jobs' default executor: every step in the runner's own process, one at a time."""
 
 
 @dataclass
@@ -120,7 +140,48 @@ def open_instance(data_dir: Path) -> DagsterInstance:
     return DagsterInstance.from_config(str(instance_home(data_dir)))
 
 
-def failure_reason(result: ExecuteInProcessResult) -> str:
+def execute(
+    job: JobDefinition,
+    instance: DagsterInstance,
+    run_config: Mapping[str, object],
+    tags: Mapping[str, str],
+    partition_key: str | None = None,
+    asset_selection: Sequence[AssetKey] | None = None,
+) -> ExecutionResult:
+    """Execute ``job`` here, synchronously and in this process, as a run of that job in the code
+    location: the run names the location, repository and job (``remote_job_origin``) and the module
+    a run worker loads the job from (``job_code_origin``), as a run launched from the UI does, so
+    the UI lists it on the job's page and on the Overview timeline. (``execute_in_process`` makes
+    runs that name no code location: the UI attaches them to no job.) The steps run on ``job``
+    itself, with the resources it was built with."""
+    run_config = {**run_config, **IN_PROCESS}
+    selection = set(asset_selection) if asset_selection else None
+    remote_job_origin, job_code_origin = _origins(job.name)
+    run = instance.create_run_for_job(
+        job_def=job,
+        run_config=run_config,
+        tags=merge_run_tags(job, partition_key, tags, asset_selection, instance, run_config),
+        asset_selection=selection,
+        remote_job_origin=remote_job_origin,
+        job_code_origin=job_code_origin,
+    )
+    return execute_run(InMemoryJob(job), run, instance)
+
+
+def _origins(job_name: str) -> tuple[RemoteJobOrigin, JobPythonOrigin]:
+    """The job in :data:`CODE_LOCATION` as the UI's workspace loads it (a ``python_module`` entry:
+    ``nodule_pipeline.definitions`` from the folder holding the package), and where a run worker
+    would load it from (``defs`` of that module)."""
+    module, folder = build_definitions.__module__, str(Path(nodule_pipeline.__file__).resolve().parent.parent)
+    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=module, working_directory=folder)
+    repository = RemoteRepositoryOrigin(
+        ManagedGrpcPythonEnvCodeLocationOrigin(target, CODE_LOCATION), SINGLETON_REPOSITORY_NAME
+    )
+    code = ReconstructableRepository.for_module(module, "defs", folder).get_python_origin()
+    return repository.get_job_origin(job_name), code.get_job_origin(job_name)
+
+
+def failure_reason(result: ExecutionResult) -> str:
     """The user-facing reason of a failed run: the innermost error of the first failed step."""
     for event in result.get_step_failure_events():
         if event.step_failure_data.error is not None:
@@ -128,7 +189,7 @@ def failure_reason(result: ExecuteInProcessResult) -> str:
     return "run failed"
 
 
-def _materialization_metadata(result: ExecuteInProcessResult, asset_name: str) -> dict:
+def _materialization_metadata(result: ExecutionResult, asset_name: str) -> dict:
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
         if materialization.asset_key.to_user_string() == asset_name:
@@ -264,9 +325,7 @@ def run_pipeline(
             progress(f"{prefix}: up to date (same files, same code), skipped")
             continue
         started = time.perf_counter()
-        result = job.execute_in_process(
-            run_config=PROGRESS_RUN_CONFIG, instance=instance, partition_key=patient_id, raise_on_error=False, tags=tags
-        )
+        result = execute(job, instance, PROGRESS_RUN_CONFIG, tags, partition_key=patient_id)
         seconds = time.perf_counter() - started
         if result.success:
             metadata = _materialization_metadata(result, "nodule_rois")
@@ -307,12 +366,12 @@ def run_pipeline(
     else:
         progress(f"library: {', '.join(LIBRARY_STEPS[name] for name in stale)}")
         ops = {"hash_model": {"config": training or {}}, "retrieval_evaluation": {"config": {"profile": report}}}
-        result = defs.resolve_job_def("build_library").execute_in_process(
-            run_config={**PROGRESS_RUN_CONFIG, "ops": {name: ops[name] for name in stale if name in ops}},
-            instance=instance,
-            raise_on_error=False,
+        result = execute(
+            defs.resolve_job_def("build_library"),
+            instance,
+            {**PROGRESS_RUN_CONFIG, "ops": {name: ops[name] for name in stale if name in ops}},
+            tags,
             asset_selection=[AssetKey(name) for name in stale],
-            tags=tags,
         )
         summary.library_ok = result.success
         summary.model_verdict = next(
@@ -352,18 +411,18 @@ def diagnosis_is_current(
 
 def run_diagnosis(
     defs: Definitions, instance: DagsterInstance, tags: dict[str, str], names: tuple[str, ...] = DIAGNOSIS_ASSET_NAMES
-) -> ExecuteInProcessResult:
+) -> ExecutionResult:
     """Materialize the diagnosis assets ``names`` in their own run: a bad sheet fails only this."""
-    return defs.resolve_job_def("attach_diagnosis").execute_in_process(
-        run_config=PROGRESS_RUN_CONFIG,
-        instance=instance,
-        raise_on_error=False,
-        tags=tags,
+    return execute(
+        defs.resolve_job_def("attach_diagnosis"),
+        instance,
+        PROGRESS_RUN_CONFIG,
+        tags,
         asset_selection=[AssetKey(name) for name in names],
     )
 
 
-def diagnosis_failure(result: ExecuteInProcessResult) -> str:
+def diagnosis_failure(result: ExecutionResult) -> str:
     return f"FAILED {failure_reason(result)} (the library and its search are not affected)"
 
 

@@ -1,8 +1,9 @@
 """The Dagster UI that ``nodule-pipeline ui`` serves, driven by a real browser with real clicks.
 
 Two generated patients are materialized with ``run_pipeline``; the UI is then served on that data
-dir and Chromium checks the asset graph, the patient partitions, a materialization launched from
-the UI, and a lineage view. A screenshot of each step goes to ``test-artifacts/ui/``.
+dir and Chromium checks the asset graph, the patient partitions, the runner's runs on their jobs'
+pages and the Overview timeline, a materialization launched from the UI, and a lineage view. A
+screenshot of each step goes to ``test-artifacts/ui/``.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 import re
 import shutil
 import time
+import tomllib
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from playwright import sync_api
 
 from nodule_pipeline.lidc.demo_data import generate_patient
-from nodule_pipeline.runner import RunSummary, run_pipeline
+from nodule_pipeline.runner import CODE_LOCATION, RUNNER_TAG, RunSummary, run_pipeline
 from nodule_pipeline_tests.browser import UI_TIMEOUT_MS
 from nodule_pipeline_tests.conftest import QUICK_TRAINING
 from nodule_pipeline_tests.dagster_ui import REPO, DagsterUI, dagster_ui, processes_of
@@ -134,6 +137,57 @@ def test_partitions_view_lists_the_patients(page, ui: DagsterUI, pipeline) -> No
     (outcome,) = [o for o in pipeline[2].outcomes if o.patient_id == PATIENTS[1]]
     expect(page.get_by_role("row", name=f"kept {outcome.metadata['kept']}", exact=True)).to_be_visible()
     screenshot(page, "02-nodule-rois-partitions")
+
+
+JOB_RUNS = """
+query($selector: PipelineSelector!) { pipelineOrError(params: $selector) { __typename ... on Pipeline {
+  pipelineSnapshotId runs { runId pipelineSnapshotId repositoryOrigin { repositoryLocationName repositoryName } } } } }
+"""
+
+
+def test_the_runner_names_the_code_location_that_the_ui_serves() -> None:
+    """The location the runner's runs name is the one workspace.yaml and pyproject.toml define."""
+    (entry,) = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]
+    names = {entry["python_module"]["location_name"], project["dagster"]["code_location_name"]}
+    assert names | {project["dg"]["project"]["code_location_name"]} == {CODE_LOCATION}
+
+
+def test_runs_of_the_runner_are_listed_under_their_jobs(page, ui: DagsterUI, pipeline) -> None:
+    """The runs that ``run_pipeline`` (``nodule-pipeline run``, ``make demo``) executed belong to
+    their jobs in the code location, as runs launched from the UI do: each job lists them, of the
+    job's own snapshot, and the Overview timeline shows them in the job's row (issue 21: the job
+    pages and the timeline showed none of them)."""
+    runner_runs: dict[str, set[str]] = {}
+    for run in DagsterInstance.from_config(str(pipeline[1] / "dagster")).get_runs():
+        if RUNNER_TAG in run.tags:
+            runner_runs.setdefault(run.job_name, set()).add(run.run_id)
+    assert runner_runs.keys() == {"ingest_patient", "build_library", "attach_diagnosis"}
+    assert len(runner_runs["ingest_patient"]) == len(PATIENTS)
+    for job, run_ids in runner_runs.items():
+        selector = {
+            "repositoryLocationName": "nodule_pipeline",
+            "repositoryName": "__repository__",
+            "pipelineName": job,
+        }
+        found = ui.graphql(JOB_RUNS, {"selector": selector})["pipelineOrError"]
+        assert found["__typename"] == "Pipeline", found
+        listed = {run["runId"]: run for run in found["runs"]}
+        assert run_ids <= listed.keys(), f"{job}: the job lists {sorted(listed)}, not all of {sorted(run_ids)}"
+        for run_id in run_ids:
+            origin = listed[run_id]["repositoryOrigin"]
+            assert origin == {"repositoryLocationName": "nodule_pipeline", "repositoryName": "__repository__"}
+        if job == "ingest_patient":  # the whole job, no asset subset: the snapshot the location has
+            assert {listed[run_id]["pipelineSnapshotId"] for run_id in run_ids} == {found["pipelineSnapshotId"]}
+
+    page.goto(ui.url + "/locations/nodule_pipeline/jobs/ingest_patient/runs")
+    for run_id in runner_runs["ingest_patient"]:
+        expect(page.locator(f"a[href='/runs/{run_id}']").first).to_be_visible()
+    screenshot(page, "02b-runner-runs-on-the-job-page")
+    page.goto(ui.url + "/overview/activity/timeline")
+    for job in runner_runs:
+        expect(page.locator(f"a[href='/locations/nodule_pipeline/jobs/{job}']")).to_be_visible()
+    screenshot(page, "02c-runner-runs-on-the-timeline")
 
 
 def test_materialize_roi_dataset_from_the_ui(page, ui: DagsterUI) -> None:
