@@ -289,11 +289,22 @@ def cmd_reveal(args: argparse.Namespace) -> int:
     return 0
 
 
+def installed_workspace() -> str:
+    """The workspace an installed package serves: the checkout's workspace.yaml, written out."""
+    from nodule_pipeline.runner import CODE_LOCATION
+
+    return (
+        "load_from:\n  - python_module:\n      module_name: nodule_pipeline.definitions\n"
+        f"      location_name: {CODE_LOCATION}\n"
+    )
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the Dagster UI on the instance and artefacts under ``--data-dir`` (127.0.0.1 only).
 
     ``dg dev``, not ``dagster dev`` (superseded in 1.13): in a checkout it loads the dg project of
-    ``pyproject.toml``; an installed package (no checkout) is loaded as its module."""
+    ``pyproject.toml``; an installed package (no checkout) is loaded as its module, from a
+    workspace file that names its code location as the checkout does."""
     from nodule_pipeline.resources import DATA_DIR_ENV
     from nodule_pipeline.runner import instance_home
 
@@ -305,8 +316,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "dagster_dg_cli.cli", "dev", "-h", args.host, "-p", str(args.port)]
     if (project / "pyproject.toml").exists():
         command += ["--target-path", str(project)]
-    else:
-        command += ["-m", "nodule_pipeline.definitions"]
+    else:  # a workspace naming the location as the runner's runs do, so the UI files them under their jobs
+        workspace = instance_home(data_dir) / "workspace.yaml"
+        workspace.write_text(installed_workspace())
+        command += ["-w", str(workspace)]
     os.execvpe(command[0], command, env)
     return 0
 

@@ -21,6 +21,7 @@ import yaml
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from playwright import sync_api
 
+from nodule_pipeline.cli import installed_workspace
 from nodule_pipeline.lidc.demo_data import generate_patient
 from nodule_pipeline.runner import CODE_LOCATION, RUNNER_TAG, RunSummary, run_pipeline
 from nodule_pipeline_tests.browser import UI_TIMEOUT_MS
@@ -151,6 +152,8 @@ def test_the_runner_names_the_code_location_that_the_ui_serves() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]
     names = {entry["python_module"]["location_name"], project["dagster"]["code_location_name"]}
     assert names | {project["dg"]["project"]["code_location_name"]} == {CODE_LOCATION}
+    # `nodule-pipeline ui` without a checkout serves the same workspace
+    assert yaml.safe_load(installed_workspace()) == yaml.safe_load((REPO / "workspace.yaml").read_text())
 
 
 def test_runs_of_the_runner_are_listed_under_their_jobs(page, ui: DagsterUI, pipeline) -> None:
