@@ -1,9 +1,13 @@
-"""Baselines (LSH, SH, ITQ, KSH, DLBHC, DPSH; SVM, ELM) on separable generated ROIs, one CPU thread, small sizes."""
+"""Baselines (LSH, SH, BRE, ITQ, MLH, KSH, CNNH, DLBHC, DNNH, DPSH; SVM, ELM) on separable generated ROIs,
+one CPU thread, small sizes."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+import torch
 
 from nodule_pipeline.hashing.baselines import (
     CLASSIFIER_BASELINES,
@@ -11,15 +15,20 @@ from nodule_pipeline.hashing.baselines import (
     DISPLAY_NAMES,
     HASHING_BASELINES,
     SUPERVISED_HASHING,
+    bre,
+    cnnh,
+    dnnh,
     features,
     fit_classifier_baseline,
     fit_hashing_baseline,
     itq,
     ksh,
+    mlh,
     sh,
     svm,
 )
 from nodule_pipeline.hashing.codes import pack_codes
+from nodule_pipeline.hashing.network import normalise_rois
 from nodule_pipeline.hashing.search import hamming_distances_batch
 
 EPOCHS = 8  # deep baselines: enough for these data, about a second per fit on one thread
@@ -83,12 +92,14 @@ def chance_precision(query_labels: np.ndarray, db_labels: np.ndarray) -> float:
 
 
 def test_registries_are_complete():
-    assert list(HASHING_BASELINES) == ["lsh", "sh", "itq", "ksh", "dlbhc", "dpsh"]
+    assert list(HASHING_BASELINES) == ["lsh", "sh", "bre", "itq", "mlh", "ksh", "cnnh", "dlbhc", "dnnh", "dpsh"]
+    assert DEEP_HASHING == {"cnnh", "dlbhc", "dnnh", "dpsh"}
+    assert SUPERVISED_HASHING == {"mlh", "ksh", "cnnh", "dlbhc", "dnnh", "dpsh"}
     assert set(CLASSIFIER_BASELINES) == {"svm", "elm"}
     assert DEEP_HASHING <= set(HASHING_BASELINES) and SUPERVISED_HASHING <= set(HASHING_BASELINES)
     assert set(DISPLAY_NAMES) == set(HASHING_BASELINES) | set(CLASSIFIER_BASELINES)
     with pytest.raises(ValueError, match="unknown hashing baseline"):
-        fit_hashing_baseline("bre", np.zeros((4, 32, 32)), np.array([0, 1, 0, 1]), 32)
+        fit_hashing_baseline("sdh", np.zeros((4, 32, 32)), np.array([0, 1, 0, 1]), 32)
     with pytest.raises(ValueError, match="unknown classifier baseline"):
         fit_classifier_baseline("knn", np.zeros((4, 32, 32)), np.array([0, 1, 0, 1]))
 
@@ -116,7 +127,7 @@ def test_hashing_baseline_is_deterministic_for_a_seed(name: str, data):
     np.testing.assert_array_equal(again.encode(data["x_test"]), first)
 
 
-@pytest.mark.parametrize("name", ["lsh", "itq"])
+@pytest.mark.parametrize("name", ["lsh", "bre", "itq", "mlh"])
 def test_shallow_seed_changes_the_codes(name: str, data):
     first = fitted(name, 32, data).encode(data["x_test"])
     other = fitted(name, 32, data, seed=1).encode(data["x_test"])
@@ -222,3 +233,144 @@ def test_svm_newton_solution_meets_the_optimality_conditions():
     f = k @ beta + bias
     np.testing.assert_allclose(beta, 2 * 2.0 * y * np.maximum(0.0, 1.0 - y * f), atol=1e-8)
     assert abs(beta.sum()) < 1e-8
+
+
+def test_bre_coordinate_step_is_the_exact_line_minimum():
+    """The step BRE takes along one weight is at least as good as the best of a fine grid of steps."""
+    rng = np.random.default_rng(0)
+    rows, anchors, bits = 30, 5, 6
+    k = rng.standard_normal((rows, anchors))
+    target = rng.random((rows, rows))
+    target = np.triu(target, 1) + np.triu(target, 1).T
+
+    def objective(weights: np.ndarray) -> float:
+        codes = np.where(k @ weights > 0, 1.0, -1.0)
+        return float(np.sum(np.triu(target - (bits - codes @ codes.T) / (2 * bits), 1) ** 2))
+
+    weights = rng.standard_normal((anchors, bits))
+    for p, q in [(0, 0), (1, 3), (5, 2), (2, 4), (3, 1)]:
+        scores = k @ weights
+        codes = np.where(scores > 0, 1.0, -1.0)
+        residual = target - (bits - codes @ codes.T) / (2 * bits)
+        np.fill_diagonal(residual, 0.0)
+        step = bre.coordinate_step(scores[:, p], k[:, q], codes[:, p], residual, bits)
+        moved = weights.copy()
+        moved[q, p] += step
+        grid = []
+        for delta in np.linspace(-10.0, 10.0, 2001):
+            trial = weights.copy()
+            trial[q, p] += delta
+            grid.append(objective(trial))
+        assert objective(moved) <= min(grid) + 1e-12
+        weights = moved
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_bre_training_reconstructs_the_distances_better_than_its_start(bits: int, data):
+    """With 200 ROIs every row is paired (n_pairs_rows=400): the fitted codes' squared error against the
+    normalised input distances is well below that of the Gaussian start (the same seed, no sweeps)."""
+
+    def error(model) -> float:
+        x = model.features.transform(data["x_train"])
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        target = np.maximum(1.0 - unit @ unit.T, 0.0)
+        target /= target.max()
+        codes = model.encode(data["x_train"]).astype(np.float64)
+        hamming = (codes @ (1 - codes).T + (1 - codes) @ codes.T) / bits
+        return float(np.sum(np.triu(target - hamming, 1) ** 2))
+
+    start = bre.fit(data["x_train"], data["y_train"], bits, 0, sweeps=0)
+    assert error(fitted("bre", bits, data)) < 0.5 * error(start)
+
+
+def test_mlh_loss_augmented_inference_is_exact():
+    """Against brute force over every pair of 4-bit codes, for similar and dissimilar pairs."""
+    rng = np.random.default_rng(0)
+    cube = np.array(list(itertools.product([-1.0, 1.0], repeat=4)))
+    for trial in range(20):
+        a, b = rng.standard_normal((1, 4)), rng.standard_normal((1, 4))
+        similar = np.array([trial % 2 == 0])
+        g, g_other = mlh.loss_augmented_codes(a, b, similar, rho=2.0, lam=0.5)
+        values = mlh.hinge_loss((cube[:, None] != cube[None]).sum(-1), similar[0], 2.0, 0.5)
+        values = values + (cube @ a[0])[:, None] + (cube @ b[0])[None, :]  # every (g, g') of the cube
+        found = mlh.hinge_loss(np.sum(g != g_other), similar[0], 2.0, 0.5) + g[0] @ a[0] + g_other[0] @ b[0]
+        assert found == pytest.approx(values.max(), abs=1e-12)
+
+
+def test_mlh_pairs_are_half_similar():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    i, j = mlh.sample_pairs(labels, 400, np.random.default_rng(0))
+    assert np.all(labels[i[:200]] == labels[j[:200]]) and np.all(labels[i[200:]] != labels[j[200:]])
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_mlh_training_lowers_its_pair_loss(bits: int, data):
+    """The hinge loss over all training pairs of the fitted codes is well below the Gaussian start's."""
+    same = data["y_train"][:, None] == data["y_train"][None, :]
+
+    def loss(model) -> float:
+        codes = model.encode(data["x_train"]).astype(np.int64)
+        distances = codes @ (1 - codes).T + (1 - codes) @ codes.T
+        return float(np.mean(mlh.hinge_loss(distances, same, max(1.0, round(bits / 4)), 0.5)))
+
+    start = mlh.fit(data["x_train"], data["y_train"], bits, 0, iterations=0)
+    assert loss(fitted("mlh", bits, data)) < 0.5 * loss(start)
+
+
+def test_cnnh_stage_one_codes_fit_the_label_similarity():
+    """Two classes: H H^T = bits * S exactly (one code and its complement). More classes: one code a
+    class, and closer to bits * S than independent random class codes are."""
+    labels = np.array([0, 1, 1, 0, 1, 1, 1])
+    similarity = np.where(labels[:, None] == labels[None, :], 1.0, -1.0)
+    for bits in (1, 3, 32):
+        codes = cnnh.approximate_codes(labels, bits)
+        assert codes.shape == (7, bits) and set(np.unique(codes)) <= {-1.0, 1.0}
+        np.testing.assert_array_equal(codes @ codes.T, bits * similarity)
+    labels = np.repeat(np.arange(5), [3, 5, 2, 7, 4])
+    similarity = np.where(labels[:, None] == labels[None, :], 1.0, -1.0)
+    codes = cnnh.approximate_codes(labels, 32)
+    assert all(len(np.unique(codes[labels == c], axis=0)) == 1 for c in range(5))
+    random_codes = np.random.default_rng(0).choice([-1.0, 1.0], (5, 32))[labels]
+    assert np.sum((codes @ codes.T - 32 * similarity) ** 2) < 0.8 * np.sum(
+        (random_codes @ random_codes.T - 32 * similarity) ** 2
+    )
+
+
+def test_cnnh_network_reproduces_its_stage_one_codes(data):
+    codes = fitted("cnnh", 32, data).encode(data["x_train"])
+    target = cnnh.approximate_codes(data["y_train"], 32) > 0
+    assert np.mean(codes == target) > 0.95
+
+
+def test_dnnh_slices_reach_only_their_own_bits():
+    torch.manual_seed(0)
+    layer = dnnh.DivideAndEncode(16, 8, slices=4)  # 4 features -> 2 bits a slice
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x)[:, 2:4].sum().backward()  # slice 1's bits
+    touched = (x.grad.abs().sum(dim=0) > 0).numpy()
+    np.testing.assert_array_equal(touched, np.arange(16) // 4 == 1)
+    with pytest.raises(ValueError, match="slices"):
+        dnnh.DivideAndEncode(16, 6, slices=4)
+
+
+def test_dnnh_triplet_loss_and_threshold():
+    codes = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # rows 0, 1 similar, row 2 the other class
+    labels = torch.tensor([0, 0, 1])
+    # triplets (0, 1, 2): max(0, 1 - 2 + 1) = 0; (1, 0, 2): max(0, 1 - 1 + 1) = 1
+    assert float(dnnh.triplet_ranking_loss(codes, labels)) == pytest.approx(0.5)
+    assert float(dnnh.triplet_ranking_loss(codes, torch.tensor([1, 1, 1]))) == 0.0
+    threshold = dnnh.PiecewiseThreshold(0.1)
+    np.testing.assert_allclose(threshold(torch.tensor([0.3, 0.45, 0.55, 0.7])).numpy(), [0.0, 0.45, 0.55, 1.0])
+
+
+def test_dnnh_training_lowers_the_triplet_loss(data):
+    """On the training ROIs, the fitted net's triplet loss is well below that of the same net untrained."""
+    images = torch.from_numpy(normalise_rois(data["x_train"])[0])
+    labels = torch.from_numpy(data["y_train"])
+    untrained = dnnh.fit(data["x_train"], data["y_train"], 32, 0, epochs=1, learning_rate=0.0)
+    losses = []
+    for model in (untrained, fitted("dnnh", 32, data)):
+        with torch.inference_mode():
+            codes, _ = model.module(images)
+        losses.append(float(dnnh.triplet_ranking_loss(codes, labels)))
+    assert losses[1] < 0.5 * losses[0]

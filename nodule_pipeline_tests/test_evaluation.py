@@ -104,7 +104,7 @@ def test_report_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert set(report["ours"]["map_at_k"]) == {"5", "10", "20", "50", "100"}
     assert len(report["ours"]["spread"]["map_at_10"]["values"]) == 3
     assert set(report["objectives"]) == {PAPER_OBJECTIVE, PAPER_RECIPE}
-    for name in ("LSH", "SH", "ITQ", "KSH", "DLBHC", "DPSH", RAW_KNN, PAPER_OBJECTIVE, PAPER_RECIPE):
+    for name in [*"LSH SH BRE ITQ MLH KSH CNNH DLBHC DNNH DPSH".split(), RAW_KNN, PAPER_OBJECTIVE, PAPER_RECIPE]:
         assert METHOD_FIELDS <= set({**report["baselines"], **report["objectives"]}[name]), name
     for name in ("LSH", "ITQ", "DPSH", PAPER_OBJECTIVE):
         health = {**report["baselines"], **report["objectives"]}[name]["code_health"]

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from nodule_pipeline.hashing.baselines import dlbhc, dpsh, elm, itq, ksh, lsh, sh, svm
+from nodule_pipeline.hashing.baselines import bre, cnnh, dlbhc, dnnh, dpsh, elm, itq, ksh, lsh, mlh, sh, svm
 
 
 class HashingModel(Protocol):
@@ -51,28 +51,37 @@ ClassifierFit = Callable[..., ClassifierModel]
 HASHING_BASELINES: dict[str, HashingFit] = {
     "lsh": lsh.fit,
     "sh": sh.fit,
+    "bre": bre.fit,
     "itq": itq.fit,
+    "mlh": mlh.fit,
     "ksh": ksh.fit,
+    "cnnh": cnnh.fit,
     "dlbhc": dlbhc.fit,
+    "dnnh": dnnh.fit,
     "dpsh": dpsh.fit,
 }
-"""Name -> ``fit(train_images, train_labels, bits, seed, ...)``; order = the report's column order."""
+"""Name -> ``fit(train_images, train_labels, bits, seed, ...)``; order = the report's column order: the
+paper's (LSH, SH, BRE, ITQ, MLH, KSH, CNNH, DLBHC, DNNH), then DPSH, which the paper does not compare."""
 
 CLASSIFIER_BASELINES: dict[str, ClassifierFit] = {"svm": svm.fit, "elm": elm.fit}
 """Name -> ``fit(train_images, train_labels, seed, ...)``."""
 
-DEEP_HASHING = frozenset({"dlbhc", "dpsh"})
+DEEP_HASHING = frozenset({"cnnh", "dlbhc", "dnnh", "dpsh"})
 """Hashing baselines that train a network (and take ``epochs``, ``batch_size``, ``device``)."""
 
-SUPERVISED_HASHING = frozenset({"ksh", "dlbhc", "dpsh"})
-"""Hashing baselines that use the labels (LSH, SH and ITQ ignore them)."""
+SUPERVISED_HASHING = frozenset({"mlh", "ksh", "cnnh", "dlbhc", "dnnh", "dpsh"})
+"""Hashing baselines that use the labels (LSH, SH, BRE and ITQ ignore them)."""
 
 DISPLAY_NAMES: dict[str, str] = {
     "lsh": "LSH",
     "sh": "SH",
+    "bre": "BRE",
     "itq": "ITQ",
+    "mlh": "MLH",
     "ksh": "KSH",
+    "cnnh": "CNNH",
     "dlbhc": "DLBHC",
+    "dnnh": "DNNH",
     "dpsh": "DPSH",
     "svm": "SVM",
     "elm": "ELM",

@@ -1,10 +1,11 @@
 """Shared tools of the deep hashing baselines: a small CNN for 32x32x1 ROIs, seeded mini-batch training, encoding.
 
-The paper's baselines (DLBHC, DPSH) used ImageNet AlexNets on 224x224 RGB; 32x32 one-channel ROIs
-and a CPU budget call for a small net trained from scratch, the same one for every deep baseline so
-they differ only in their heads and losses. Reproducibility as in :mod:`nodule_pipeline.hashing.training`:
-the torch RNG is seeded inside a forked RNG state and shuffles come from a seeded numpy Generator,
-so on the CPU the same inputs and seed give the same codes (CUDA kernels are not bit-exact).
+The deep baselines' papers (CNNH, DLBHC, DNNH, DPSH) used ImageNet-scale nets on large RGB images;
+32x32 one-channel ROIs and a CPU budget call for a small net trained from scratch, the same one for
+every deep baseline so they differ only in their heads and losses. Reproducibility as in
+:mod:`nodule_pipeline.hashing.training`: the torch RNG is seeded inside a forked RNG state and
+shuffles come from a seeded numpy Generator, so on the CPU the same inputs and seed give the same
+codes (CUDA kernels are not bit-exact).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ class SmallCNN(nn.Module):
     """Three conv blocks (5x5/3x3/3x3, BatchNorm, ReLU, 2x2 max-pool: 32 -> 16 -> 8 -> 4) and an FC layer.
 
     The flattened 4x4 map keeps where things are (unlike global pooling), as AlexNet's fc6 does;
-    ``features`` (B, fc_dim) is the analogue of AlexNet's fc7, the layer both baselines hash from.
+    ``features`` (B, fc_dim) is the analogue of AlexNet's fc7, the layer every deep baseline hashes from.
     About 3 M multiply-adds per ROI, so a few hundred ROIs train for an epoch in well under a second on a CPU core.
     """
 
@@ -54,15 +56,23 @@ class SmallCNN(nn.Module):
 
 
 class DeepHashNet(nn.Module):
-    """Backbone -> linear hash layer (``bits``) -> optional activation; optional classifier on the hash layer.
+    """Backbone -> hash layer (``bits``) -> optional activation; optional classifier on the hash layer.
 
+    The hash layer is linear unless a method brings its own (it must map ``fc_dim`` features to
+    ``bits`` scores and say ``out_features``, as DNNH's divide-and-encode does).
     ``forward`` returns (code scores, logits or None); the code is ``scores > threshold`` of the owner.
     """
 
-    def __init__(self, bits: int, activation: nn.Module | None = None, num_classes: int | None = None):
+    def __init__(
+        self,
+        bits: int,
+        activation: nn.Module | None = None,
+        num_classes: int | None = None,
+        hash_layer: Callable[[int, int], nn.Module] | None = None,
+    ):
         super().__init__()
         self.backbone = SmallCNN()
-        self.hash_layer = nn.Linear(self.backbone.fc_dim, bits)
+        self.hash_layer = (hash_layer or nn.Linear)(self.backbone.fc_dim, bits)
         self.activation = activation or nn.Identity()
         self.classifier = nn.Linear(bits, num_classes) if num_classes else None
 
@@ -127,6 +137,21 @@ def check_training_options(epochs: int, batch_size: int) -> None:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (BatchNorm), got {batch_size}")
+
+
+def fit_deep_hash(
+    method: str,
+    train_images: np.ndarray,
+    make_module: Callable[[], DeepHashNet],
+    batch_loss: Callable[[DeepHashNet, torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    threshold: float,
+    classes: np.ndarray | None = None,
+    **training: Any,
+) -> DeepHashModel:
+    """:func:`train_deep_hash` (``training``: its keyword options), wrapped as the method's trained model."""
+    module, stats, seconds = train_deep_hash(train_images, make_module, batch_loss, **training)
+    return DeepHashModel(module, stats, threshold=threshold, method=method, classes=classes, seconds=seconds)
 
 
 def train_deep_hash(

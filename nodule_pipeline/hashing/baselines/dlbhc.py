@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nodule_pipeline.hashing.baselines.deep import DeepHashModel, DeepHashNet, train_deep_hash
-from nodule_pipeline.hashing.baselines.features import check_bits, check_training_inputs
+from nodule_pipeline.hashing.baselines.deep import DeepHashModel, DeepHashNet, fit_deep_hash
+from nodule_pipeline.hashing.baselines.features import check_bits, check_training_inputs, check_two_classes
 
 
 def fit(
@@ -34,23 +34,23 @@ def fit(
     """Train CNN -> sigmoid latent (bits) -> softmax with cross-entropy (Adam; the paper's 25 epochs, batch 32)."""
     labels = check_training_inputs(train_images, train_labels)
     bits = check_bits(bits)
-    classes, targets = np.unique(labels, return_inverse=True)
-    if len(classes) < 2:
-        raise ValueError("DLBHC needs at least two classes in the training labels")
-    y_all = torch.from_numpy(targets.astype(np.int64))
+    classes = check_two_classes(labels, "DLBHC")
+    y_all = torch.from_numpy(np.searchsorted(classes, labels).astype(np.int64))
 
     def batch_loss(module: DeepHashNet, xb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         _, logits = module(xb)
         return F.cross_entropy(logits, y_all.to(xb.device)[index])
 
-    module, stats, seconds = train_deep_hash(
+    return fit_deep_hash(
+        "dlbhc",
         train_images,
         lambda: DeepHashNet(bits, activation=nn.Sigmoid(), num_classes=len(classes)),
         batch_loss,
+        threshold=0.5,
+        classes=classes,
         epochs=epochs,
         batch_size=batch_size,
         seed=seed,
         learning_rate=learning_rate,
         device=device,
     )
-    return DeepHashModel(module, stats, threshold=0.5, method="dlbhc", classes=classes, seconds=seconds)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nodule_pipeline.hashing.baselines.deep import DeepHashModel, DeepHashNet, train_deep_hash
+from nodule_pipeline.hashing.baselines.deep import DeepHashModel, DeepHashNet, fit_deep_hash
 from nodule_pipeline.hashing.baselines.features import check_bits, check_training_inputs
 from nodule_pipeline.hashing.objective import pairwise_likelihood_loss
 
@@ -46,14 +46,15 @@ def fit(
         quantisation = (u - u.detach().sign()).pow(2).mean()
         return pairwise_likelihood_loss(0.5 * u @ memory.T, same) + alpha * quantisation
 
-    module, stats, seconds = train_deep_hash(
+    return fit_deep_hash(
+        "dpsh",
         train_images,
         lambda: DeepHashNet(bits),
         batch_loss,
+        threshold=0.0,
         epochs=epochs,
         batch_size=batch_size,
         seed=seed,
         learning_rate=learning_rate,
         device=device,
     )
-    return DeepHashModel(module, stats, threshold=0.0, method="dpsh", seconds=seconds)

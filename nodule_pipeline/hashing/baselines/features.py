@@ -30,6 +30,14 @@ def check_training_inputs(images: np.ndarray, labels: np.ndarray, min_rows: int 
     return labels.astype(np.int64)
 
 
+def check_two_classes(labels: np.ndarray, method: str) -> np.ndarray:
+    """The sorted classes of ``labels``; a method that learns from label contrasts refuses fewer than two."""
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError(f"{method} needs at least two classes in the training labels")
+    return classes
+
+
 def check_bits(bits: int) -> int:
     """Code length must be a positive integer (the index packs multiples of 8; any length hashes)."""
     if int(bits) != bits or bits < 1:
@@ -118,15 +126,17 @@ def fit_feature_map(
 
 @dataclass(frozen=True)
 class ProjectionHash:
-    """Codes = sign of a linear projection of the features: the trained form of LSH and ITQ.
+    """Codes = sign of a linear projection of the features: the trained form of LSH, ITQ and MLH.
 
-    ``encode`` gives bit j = (features @ projection)[:, j] > 0; features are centred, so 0 splits
-    each projection near its training median for the roughly symmetric projections these methods use.
+    ``encode`` gives bit j = (features @ projection + offset)[:, j] > 0; features are centred, so
+    without an offset 0 splits each projection near its training median for the roughly symmetric
+    projections LSH and ITQ use; MLH learns its offsets (the bias of its affine hash functions).
     """
 
     features: FeatureMap
     projection: np.ndarray  # (dim, bits)
     method: str
+    offset: np.ndarray | None = None  # (bits,) added before the sign, or None for 0
 
     @property
     def bits(self) -> int:
@@ -134,4 +144,5 @@ class ProjectionHash:
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """Raw ROIs (m, 32, 32) -> codes (m, bits) bool."""
-        return self.features.transform(images) @ self.projection > 0
+        scores = self.features.transform(images) @ self.projection
+        return (scores if self.offset is None else scores + self.offset) > 0

@@ -25,10 +25,14 @@ def random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def itq_rotation(v: np.ndarray, rotation: np.ndarray, iterations: int = 50) -> np.ndarray:
-    """Refine ``rotation`` for centred PCA data ``v`` (n, k) by ITQ's alternating minimisation."""
+    """Refine ``rotation`` for centred data ``v`` (n, k) by ITQ's alternating minimisation.
+
+    ``rotation`` is (k, bits) with orthonormal rows, square for ITQ; CNNH rounds its k-dimensional
+    relaxed codes to bits >= k with the same steps (thin SVD: the Procrustes step of a wide R).
+    """
     for _ in range(iterations):
         b = np.where(v @ rotation >= 0, 1.0, -1.0)
-        u_b, _, u_a_t = np.linalg.svd(b.T @ v)  # B^T V = U_B S U_A^T
+        u_b, _, u_a_t = np.linalg.svd(b.T @ v, full_matrices=False)  # B^T V = U_B S U_A^T
         rotation = u_a_t.T @ u_b.T
     return rotation
 

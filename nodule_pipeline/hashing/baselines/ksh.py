@@ -51,6 +51,22 @@ class KernelHash:
         return self.kernel(self.features.transform(images)) @ self.projections > 0
 
 
+def fit_anchor_kernel(
+    x: np.ndarray, n_anchors: int, rng: np.random.Generator
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """Draw ``n_anchors`` training rows as anchors; returns (anchors, sigma, kernel mean, centred kernel (n, m)).
+
+    Shared with BRE, which hashes through the same centred RBF kernel features.
+    """
+    n = len(x)
+    anchors = x[np.sort(rng.choice(n, size=min(n_anchors, n), replace=False))]
+    sq = _sq_distances(x, anchors)
+    sigma = float(sq.mean()) or 1.0
+    kernel = np.exp(-sq / (2.0 * sigma))
+    kernel_mean = kernel.mean(axis=0)
+    return anchors, sigma, kernel_mean, kernel - kernel_mean
+
+
 class _Residue:
     """R = scale * (2 Y Y^T - 1 1^T) - B B^T as an operator (never materialised)."""
 
@@ -96,13 +112,9 @@ def fit(
     rng = np.random.default_rng(seed)
     feature_map, x = fit_feature_map(train_images)
     n = len(x)
-    anchors = x[np.sort(rng.choice(n, size=min(n_anchors, n), replace=False))]
-    sq = _sq_distances(x, anchors)
-    sigma = float(sq.mean()) or 1.0
-    kernel = np.exp(-sq / (2.0 * sigma))
-    kernel_mean = kernel.mean(axis=0)
+    anchors, sigma, kernel_mean, kernel = fit_anchor_kernel(x, n_anchors, rng)
     labelled = np.sort(rng.choice(n, size=min(n_labelled, n), replace=False))
-    k = kernel[labelled] - kernel_mean  # (n_lab, m)
+    k = kernel[labelled]  # (n_lab, m)
     n_lab, m = k.shape
     classes, inverse = np.unique(labels[labelled], return_inverse=True)
     onehot = np.eye(len(classes))[inverse]
