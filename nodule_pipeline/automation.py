@@ -9,6 +9,8 @@
   to the diagnosis sheet.
 - ``evaluation_after_retrain`` re-runs ``retrieval_evaluation`` after a new model passed its checks.
 - ``weekly_retrain`` retrains ``hash_model`` (cron from ``NODULE_PIPELINE_RETRAIN_CRON``).
+- ``monthly_study`` re-runs the comparison study (cron from ``NODULE_PIPELINE_STUDY_CRON``);
+  stopped until a user starts it: the study answers a research question, not a clinical one.
 """
 
 import json
@@ -28,17 +30,19 @@ from dagster import (
 )
 
 from nodule_pipeline.arrivals import ArrivalState, find_arrivals
-from nodule_pipeline.concurrency import INDEX, INGEST, TRAIN
+from nodule_pipeline.concurrency import INDEX, INGEST, STUDY, TRAIN
 from nodule_pipeline.currency import ingested_fingerprint
 from nodule_pipeline.errors import InputDataError
-from nodule_pipeline.jobs import ingest_patient_job, retrain_job
+from nodule_pipeline.jobs import comparison_study_job, ingest_patient_job, retrain_job
 from nodule_pipeline.partitions import patients_partitions
 from nodule_pipeline.resources import ScanSource
 
 SETTLE_SECONDS_ENV = "NODULE_PIPELINE_SETTLE_SECONDS"
 RETRAIN_CRON_ENV = "NODULE_PIPELINE_RETRAIN_CRON"
+STUDY_CRON_ENV = "NODULE_PIPELINE_STUDY_CRON"
 DEFAULT_SETTLE_SECONDS = 60.0
 DEFAULT_RETRAIN_CRON = "0 3 * * 0"  # Sundays 03:00
+DEFAULT_STUDY_CRON = "0 3 1 * *"  # the first of the month, 03:00
 
 
 def settle_seconds() -> float:
@@ -100,5 +104,13 @@ weekly_retrain = ScheduleDefinition(
     default_status=DefaultScheduleStatus.RUNNING,
     description="Retrain hash_model on everything ingested so far, then re-encode the index and evaluate.",
 )
+monthly_study = ScheduleDefinition(
+    name="monthly_study",
+    job=comparison_study_job,
+    cron_schedule=os.environ.get(STUDY_CRON_ENV, DEFAULT_STUDY_CRON),
+    tags=STUDY,
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Re-run the comparison study (every method retrained) on the current split and recipe.",
+)
 SENSORS = [new_scans, library_refresh, evaluation_after_retrain]
-SCHEDULES = [weekly_retrain]
+SCHEDULES = [weekly_retrain, monthly_study]

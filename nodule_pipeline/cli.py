@@ -67,14 +67,26 @@ def _print_summary(summary, data_dir: Path) -> None:
             f"{evaluation.get('index_version')}): accuracy {evaluation['accuracy']:.3f}, "
             f"P@10 {evaluation['p_at_10']:.3f}, MAP@10 {evaluation['map_at_10']:.3f} "
             f"(codes alone {evaluation.get('map_at_10_codes_alone', float('nan')):.3f}), "
-            f"nDCG@10 {evaluation['ndcg_at_10']:.3f}, {evaluation.get('distinct_codes')} distinct codes; "
-            f"report {evaluation.get('report')}"
+            f"nDCG@10 {evaluation['ndcg_at_10']:.3f} (within class "
+            f"{evaluation.get('ndcg_at_10_within_class', float('nan')):.3f}), "
+            f"{evaluation.get('distinct_codes')} distinct codes; report {evaluation.get('report')}"
         )
-        print(f"  {evaluation.get('leakage', 'leakage not measured')}")
         if "reader_agreement_summary" in evaluation:
             print(f"  {evaluation['reader_agreement_summary']}")
     if summary.diagnosis:
         print(f"diagnosis: {summary.diagnosis}")
+    study = summary.study
+    if "failed" in study or "skipped" in study:
+        outcome = "FAILED" if "failed" in study else "skipped"
+        print(f"comparison_study: {outcome} ({study.get('failed') or study['skipped']})")
+    elif study:
+        print(
+            f"comparison_study ({study.get('profile')}, every method retrained): ours MAP@10 "
+            f"{study['map_at_10']:.3f} (seed mean {study['map_at_10_seed_mean']:.3f}), best baseline "
+            f"{study.get('best_baseline')}; {study.get('leakage')}; report {study.get('report')}"
+        )
+        if study.get("profile") != "full":
+            print("  the whole study: make demo REPORT=full, or run --report full (about an hour on 2 cores)")
     for outcome in summary.failed:
         print(f"FAILED {outcome.patient_id}: {outcome.error}")
     print(f"instance and artefacts: {data_dir}  (open the UI: nodule-pipeline ui --data-dir {data_dir})")
@@ -387,7 +399,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--report",
         choices=["quick", "full", "none"],
         default="quick",
-        help="retrieval_evaluation profile: quick (minutes), full (the whole report, ~45 min on 2 cores), none",
+        help="the deployed model's evaluation, then the comparison study at this profile: quick (minutes), "
+        "full (the whole study, about an hour on 2 cores), or none (neither)",
     )
 
 

@@ -2,11 +2,12 @@
 
 - Stage tags (``nodule_pipeline/stage``) on every job and automation run: the production run queue
   limits runs per stage (deploy/dagster.yaml), so a backfill of hundreds of patients waits its turn.
-- Concurrency pools on the steps that must never overlap: ``gpu`` (training: ``hash_model`` and the
-  comparison study of ``retrieval_evaluation``) and ``index`` (``hash_index`` rewrites the one
-  index). Their limits are the instance's ``concurrency: pools: default_limit: 1``; every run
-  claims a slot per step, whatever launched it (the UI, a backfill, a schedule, a sensor,
-  ``nodule-pipeline run``).
+- Concurrency pools on the steps that must never overlap: ``gpu`` (training: ``hash_model`` and
+  the pathology folds of ``retrieval_evaluation``), ``study`` (``comparison_study`` retrains every
+  method: in its own pool and run stage, so a long study never holds a retrain back) and ``index``
+  (``hash_index`` rewrites the one index). Their limits are the instance's ``concurrency: pools:
+  default_limit: 1``; every run claims a slot per step, whatever launched it (the UI, a backfill,
+  a schedule, a sensor, ``nodule-pipeline run``).
 - On Kubernetes, runs that train carry a ``dagster-k8s/config`` tag: one ``nvidia.com/gpu``, and
   the node selector and tolerations of the GPU nodes, which come from the code server's
   environment (set in deploy/k8s/values.yaml). Other launchers ignore the tag.
@@ -19,6 +20,7 @@ import os
 
 STAGE_TAG = "nodule_pipeline/stage"
 GPU_POOL = "gpu"
+STUDY_POOL = "study"
 INDEX_POOL = "index"
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
@@ -45,4 +47,5 @@ def gpu_pod_config() -> dict:
 INGEST = {STAGE_TAG: "ingest"}
 INDEX = {STAGE_TAG: "index"}
 TRAIN = {STAGE_TAG: "train", K8S_CONFIG_TAG: json.dumps(gpu_pod_config(), sort_keys=True)}
-"""Run tags per stage; training runs also ask Kubernetes for a GPU."""
+STUDY = {STAGE_TAG: "study", K8S_CONFIG_TAG: json.dumps(gpu_pod_config(), sort_keys=True)}
+"""Run tags per stage; training runs and studies also ask Kubernetes for a GPU."""

@@ -5,7 +5,7 @@ training jobs also ask Kubernetes for a GPU (see :mod:`nodule_pipeline.concurren
 from dagster import AssetSelection, define_asset_job
 
 from nodule_pipeline.assets import DIAGNOSIS_ASSETS, INGESTION_ASSETS, LIBRARY_ASSETS
-from nodule_pipeline.concurrency import INDEX, INGEST, TRAIN
+from nodule_pipeline.concurrency import INDEX, INGEST, STUDY, TRAIN
 from nodule_pipeline.partitions import patients_partitions
 
 ingest_patient_job = define_asset_job(
@@ -19,7 +19,7 @@ build_library_job = define_asset_job(
     "build_library",
     selection=AssetSelection.assets(*LIBRARY_ASSETS),
     tags=TRAIN,
-    description="All patients' ROIs split, the hashing network trained on them, the hash index and the evaluation.",
+    description="All patients' ROIs split, the hashing network trained on them, the hash index and its evaluation.",
 )
 retrain_job = define_asset_job(
     "retrain",
@@ -39,4 +39,10 @@ diagnosis_job = define_asset_job(
     tags=INDEX,
     description="Read TCIA's diagnosis sheet and match it to the library's nodules (what they really were).",
 )
-ALL_JOBS = [ingest_patient_job, build_library_job, retrain_job, reindex_job, diagnosis_job]
+comparison_study_job = define_asset_job(
+    "study",
+    selection=AssetSelection.assets("comparison_study"),
+    tags=STUDY,
+    description="The paper's comparison: every method retrained on the library's split (on demand or monthly).",
+)
+ALL_JOBS = [ingest_patient_job, build_library_job, retrain_job, reindex_job, diagnosis_job, comparison_study_job]

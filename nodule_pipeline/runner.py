@@ -43,6 +43,7 @@ import nodule_pipeline
 from nodule_pipeline import privacy
 from nodule_pipeline.arrivals import content_fingerprint
 from nodule_pipeline.assets.model import ACCURACY_FLOOR
+from nodule_pipeline.assets.study import STUDY_FOLDER
 from nodule_pipeline.currency import (
     ingested_fingerprint,
     innermost_message,
@@ -114,6 +115,8 @@ class RunSummary:
     """Why the trained model did or did not reach the index (the accuracy-floor check)."""
     diagnosis: str | None = None
     """What the diagnosis sheet added (or why it could not), one line; None when not attempted."""
+    study: dict = field(default_factory=dict)
+    """Of ``comparison_study`` (``{"failed": reason}`` when it failed); empty when not asked for."""
 
     @property
     def failed(self) -> list[PatientOutcome]:
@@ -251,20 +254,49 @@ def stale_library(
     stale index means retraining too, so that a model that failed its checks is never indexed."""
     trained_with = metadata_of(latest_record(instance, "hash_model")).get("config") or {}
     for position, name in enumerate(names):
-        stored = (
-            reports_dir(data_dir) / REPORT_JSON
-            if name == "retrieval_evaluation"
-            else artefact_folder(artefacts_dir(data_dir), [name])
+        settings_differ = name == "hash_model" and any(
+            trained_with.get(key) != value for key, value in (training or {}).items()
         )
-        if name == "hash_model":
-            settings_differ = any(trained_with.get(key) != value for key, value in (training or {}).items())
-        elif name == "retrieval_evaluation":
-            settings_differ = metadata_of(latest_record(instance, name)).get("profile") != report
-        else:
-            settings_differ = False
-        if settings_differ or not is_current(instance, defs, stored, name):
+        if settings_differ or not is_current(instance, defs, stored_result(data_dir, name), name):
             return names[position - 1 :] if name == "hash_index" else names[position:]
     return ()
+
+
+def stored_result(data_dir: Path, name: str) -> Path:
+    """Where an unpartitioned asset's result lies: a report's JSON, or the artefact folder."""
+    if name == "retrieval_evaluation":
+        return reports_dir(data_dir) / REPORT_JSON
+    if name == "comparison_study":
+        return reports_dir(data_dir) / STUDY_FOLDER / REPORT_JSON
+    return artefact_folder(artefacts_dir(data_dir), [name])
+
+
+def run_study(
+    defs: Definitions,
+    instance: DagsterInstance,
+    data_dir: Path,
+    tags: dict[str, str],
+    profile: str,
+    rerun: bool,
+    progress: Callable[[str], None],
+) -> dict:
+    """The comparison study in its own run, unless it is current (same split, model and profile):
+    its metadata, or ``{"failed": reason}``."""
+    current = is_current(instance, defs, stored_result(data_dir, "comparison_study"), "comparison_study")
+    if not rerun and current and _latest_metadata(instance, "comparison_study").get("profile") == profile:
+        progress("comparison study: up to date (same split, model and profile), skipped")
+        return _latest_metadata(instance, "comparison_study")
+    progress(f"comparison study ({profile}): every method retrained on the library's split")
+    result = execute(
+        defs.resolve_job_def("study"),
+        instance,
+        {**PROGRESS_RUN_CONFIG, "ops": {"comparison_study": {"config": {"profile": profile}}}},
+        tags,
+    )
+    if not result.success:
+        progress(f"comparison study: FAILED {failure_reason(result)}")
+        return {"failed": failure_reason(result)}
+    return _materialization_metadata(result, "comparison_study")
 
 
 def run_pipeline(
@@ -279,9 +311,10 @@ def run_pipeline(
 ) -> RunSummary:
     """Register the patients under ``lidc_root`` as partitions and materialize their chain, then
     the library: dataset split, model (``training``: hash_model config), index and, unless
-    ``report`` is "none", the evaluation report ("quick" or "full" profile); then TCIA's diagnosis
-    sheet (``diagnosis_sheet``, or ``*diagnosis*.xls`` at the scan root) matched to the library's
-    nodules, whose failure fails nothing else. Every patient is attempted; failures are collected
+    ``report`` is "none", the deployed model's evaluation; then TCIA's diagnosis sheet
+    (``diagnosis_sheet``, or ``*diagnosis*.xls`` at the scan root) matched to the library's
+    nodules, whose failure fails nothing else; then, unless ``report`` is "none", the comparison
+    study in its own run ("quick" or "full" profile). Every patient is attempted; failures are collected
     with their reasons. What is already current is skipped unless ``rerun``, so an interrupted run
     resumes where it stopped."""
     for category in (BetaWarning, PreviewWarning):  # Dagster's API-stability notes are not for end users
@@ -365,11 +398,11 @@ def run_pipeline(
         progress("library: up to date (no new ROIs, same code and settings), skipped")
     else:
         progress(f"library: {', '.join(LIBRARY_STEPS[name] for name in stale)}")
-        ops = {"hash_model": {"config": training or {}}, "retrieval_evaluation": {"config": {"profile": report}}}
+        ops = {"hash_model": {"config": training or {}}} if "hash_model" in stale else {}
         result = execute(
             defs.resolve_job_def("build_library"),
             instance,
-            {**PROGRESS_RUN_CONFIG, "ops": {name: ops[name] for name in stale if name in ops}},
+            {**PROGRESS_RUN_CONFIG, "ops": ops},
             tags,
             asset_selection=[AssetKey(name) for name in stale],
         )
@@ -386,6 +419,8 @@ def run_pipeline(
         summary.diagnosis = attach_diagnosis(defs, instance, tags, ("nodule_diagnosis",))
     if summary.diagnosis:
         progress(f"diagnosis: {summary.diagnosis}")
+    if report != "none" and summary.library_ok:
+        summary.study = run_study(defs, instance, data_dir, tags, report, rerun, progress)
     return summary
 
 

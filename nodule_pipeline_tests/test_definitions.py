@@ -44,6 +44,29 @@ def test_graph_holds_the_ingestion_chain(tmp_path: Path) -> None:
     assert defs.resolve_job_def("ingest_patient").partitions_def.name == "patients"
 
 
+def test_the_comparison_study_is_its_own_job_off_the_production_path(tmp_path: Path) -> None:
+    """The study never runs as part of a build or a retrain, and holds neither their pool nor
+    their run stage; it runs on demand, or on a schedule a user starts."""
+    defs = build_definitions(tmp_path, tmp_path / "lidc")
+    graph = defs.resolve_asset_graph()
+
+    def selected(job: str) -> set[str]:
+        return {key.to_user_string() for key in defs.resolve_job_def(job).asset_layer.selected_asset_keys}
+
+    for job in ("build_library", "retrain", "reindex", "ingest_patient"):
+        assert "comparison_study" not in selected(job), job
+    assert selected("study") == {"comparison_study"}
+    study, model = (graph.get(defs.resolve_assets_def(name).key) for name in ("comparison_study", "hash_model"))
+    assert study.pools == {"study"} and model.pools == {"gpu"} and not study.child_keys
+    assert study.automation_condition is None  # a retrain does not start it
+    assert (
+        defs.resolve_job_def("study").tags["nodule_pipeline/stage"]
+        != defs.resolve_job_def("retrain").tags["nodule_pipeline/stage"]
+    )
+    schedule = defs.resolve_schedule_def("monthly_study")
+    assert schedule.job_name == "study" and schedule.default_status.value == "STOPPED"
+
+
 def test_definitions_match_the_snapshot(tmp_path: Path) -> None:
     """Asset keys, deps, partitions, checks, automation conditions, pools, jobs, schedules and
     sensors as committed in snapshots/definitions.json (taken with no NODULE_PIPELINE_* overrides

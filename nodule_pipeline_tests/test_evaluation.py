@@ -20,6 +20,7 @@ from nodule_pipeline.hashing.evaluation import (
     EvaluationConfig,
     NotEnoughData,
     evaluate,
+    evaluate_model,
     ranking_metrics,
 )
 from nodule_pipeline.hashing.index import build_index
@@ -136,8 +137,9 @@ def test_report_json_has_every_field(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:
-    """With a deployed model and index the report leads with them, searched through NoduleSearcher;
-    the accuracy is the card's, and it is what the searcher's own predictions give."""
+    """The deployed model and index searched through NoduleSearcher, no method retrained: the
+    accuracy is the card's, and it is what the searcher's own predictions give. The comparison
+    study on the same table retrains the deployed network under its recipe."""
     table = assign_split(_separable_table(), seed=0)
     # readers: three agree on even nodules, only two marked odd ones (not counted)
     table["reader_malignancy"] = [[5, 4, 5, 0] if r % 2 == 0 else [5, 4, 0, 0] for r in range(len(table))]
@@ -155,46 +157,49 @@ def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:
     index = build_index(encoded.codes, encoded.fc, train["label"].to_numpy(), items, "m1", rois=roi_images(train))
     card_accuracy = classification_metrics(test["label"].to_numpy(), encode(model, roi_images(test)).predicted)
     deployed = Deployed(NoduleSearcher(model, index, "m1"), {"test_metrics": card_accuracy, "selected_epoch": 6})
-    config = replace(
-        EvaluationConfig.quick(epochs=2, seeds=1), hashing_baselines=(), classifier_baselines=(), bits_sweep=()
-    )
-    evaluation = evaluate(table, config, deployed=deployed, recipe=model.config, network=model.network)
-    headline = evaluation.report["deployed"]
+    evaluation = evaluate_model(table, deployed)
+    report = evaluation.report
+    assert "ours" not in report and "baselines" not in report  # nothing retrained
+    headline = report["deployed"]
     assert headline["model_version"] == "m1" and headline["index_version"] == index.index_version
     assert headline["accuracy"] == card_accuracy["accuracy"] == headline["accuracy_as_searched"]
     assert set(headline["modes"]) == {"hamming", "rerank", "hierarchical"}
     assert headline["code_health"]["items"] == len(index)
     assert headline["unit"] == "nodule" and headline["n_database_nodules"] == index.items["nodule_id"].nunique()
-    assert "each hit a distinct nodule" in render_markdown(evaluation.report)
-    # both APs, for every search mode and for the study's methods: the textbook one never above the
-    # pinned one (its denominator min(k, relevant) is at least the relevant items retrieved)
-    for metrics in [*headline["modes"].values(), evaluation.report["ours"]]:
+    markdown = render_markdown(report)
+    assert "each hit a distinct nodule" in markdown and "| TREC MAP@10 |" in markdown
+    assert "## Comparison study" not in markdown
+    # both APs for every search mode: the textbook one never above the pinned one (its
+    # denominator min(k, relevant) is at least the relevant items retrieved)
+    for metrics in headline["modes"].values():
         assert 0 <= metrics["trec_map_at_k"]["10"] <= metrics["map_at_k"]["10"]
-    # the appearance order inside the true label, for the deployed search and the study's methods
-    for metrics in (
-        headline["modes"]["hierarchical"],
-        evaluation.report["ours"],
-        *evaluation.report["objectives"].values(),
-    ):
-        assert 0 < metrics["ndcg_at_10_within_class"] <= 1
-    assert len(evaluation.report["ours"]["spread"]["ndcg_at_10_within_class"]["values"]) == 1
-    assert "| TREC MAP@10 |" in render_markdown(evaluation.report)
+    assert 0 < headline["modes"]["hierarchical"]["ndcg_at_10_within_class"] <= 1
     # the rankings are the searcher's, query by query
     for q in (0, len(test) - 1):
         hits = deployed.searcher.search_roi(roi_images(test)[q], k=10, exclude_patient=test["patient_id"].iloc[q]).hits
         assert [h.row for h in hits] == evaluation.example_rankings[q][: len(hits)].tolist()
-    assert evaluation.report["network"]["lstm_hidden"] == 16  # the study retrains the deployed network
-    agreement = evaluation.report["reader_agreement"]
+    agreement = report["reader_agreement"]
     counted = np.array([len([r for r in ratings if r]) >= 3 for ratings in test["reader_malignancy"]])
     predicted = encode(model, roi_images(test)).predicted
     assert agreement["agreement"] == 1.0 and agreement["rows"] == counted.sum() == agreement["nodules"]
-    assert agreement["model_accuracy"]["deployed model"] == pytest.approx(
-        float((predicted[counted] == test["label"].to_numpy()[counted]).mean())
-    )
-    assert set(agreement["model_accuracy"]) == {"deployed model", "ours (study, seed 0)"}
-    write_report(evaluation, tmp_path)
+    assert agreement["model_accuracy"] == {
+        "deployed model": pytest.approx(float((predicted[counted] == test["label"].to_numpy()[counted]).mean()))
+    }
+    files = write_report(evaluation, tmp_path)
+    assert "map_at_k" not in files and files["examples"].stat().st_size > 0  # one method: no MAP@k curves
     markdown = (tmp_path / "evaluation.md").read_text()
     assert "## Deployed model (the headline)" in markdown and "## How often the readers agree" in markdown
+
+    config = replace(
+        EvaluationConfig.quick(epochs=2, seeds=1), hashing_baselines=(), classifier_baselines=(), bits_sweep=()
+    )
+    study = evaluate(table, config, recipe=model.config, network=model.network).report
+    assert "deployed" not in study and study["network"]["lstm_hidden"] == 16  # the deployed network retrained
+    for metrics in (study["ours"], *study["objectives"].values()):
+        assert 0 <= metrics["trec_map_at_k"]["10"] <= metrics["map_at_k"]["10"]
+        assert 0 < metrics["ndcg_at_10_within_class"] <= 1
+    assert len(study["ours"]["spread"]["ndcg_at_10_within_class"]["values"]) == 1
+    assert set(study["reader_agreement"]["model_accuracy"]) == {"ours (study, seed 0)"}
 
 
 def test_the_rows_order_of_a_table_does_not_change_the_evaluation() -> None:

@@ -125,7 +125,7 @@ def test_the_evaluation_asset_scores_against_the_sheet_and_runs_without_one(tmp_
     metadata = unscored.step_materialization_data.materialization.metadata
     assert metadata["pathology"].value == "no diagnosis sheet"
     # the UI cannot follow the report's relative picture links: its tables come without them
-    assert ".png" not in metadata["tables"].value and "data:image/png;base64," in metadata["map_at_k"].value
+    assert ".png" not in metadata["tables"].value and "data:image/png;base64," in metadata["examples"].value
 
     # ten patients diagnosed as the readers call them (odd: malignant), one nodule each: all matched
     write_xls(

@@ -57,7 +57,6 @@ class Library:
         configs = {
             "roi_dataset": {"external_roi_table": str(self.external), **(split or {})},
             "hash_model": QUICK_TRAINING,
-            "retrieval_evaluation": {"profile": "quick", "seeds": 1, "epochs": 1},  # should it ever run
         }
         return self._execute(
             instance,

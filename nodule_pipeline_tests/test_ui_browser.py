@@ -31,7 +31,16 @@ from nodule_pipeline_tests.dagster_ui import REPO, DagsterUI, dagster_ui, proces
 expect = sync_api.expect
 
 PATIENTS = ("LIDC-IDRI-0957", "LIDC-IDRI-0078")  # 65 and 87 slices: small and quick
-ASSETS = ("lidc_scan", "lung_mask", "nodule_rois", "roi_dataset", "hash_model", "hash_index", "retrieval_evaluation")
+ASSETS = (
+    "lidc_scan",
+    "lung_mask",
+    "nodule_rois",
+    "roi_dataset",
+    "hash_model",
+    "hash_index",
+    "retrieval_evaluation",
+    "comparison_study",
+)
 SCREENSHOTS = REPO / "test-artifacts" / "ui"
 RUN_TIMEOUT_MS = 300_000  # a run launched from the UI: a fresh process that imports torch and dagster
 

@@ -12,11 +12,13 @@ from nodule_pipeline.assets.split_leak import (
     evaluation_model_not_trained_on_test_patients,
     index_model_not_trained_on_test_patients,
 )
+from nodule_pipeline.assets.study import comparison_study
 
 INGESTION_ASSETS = [lidc_scan, lung_mask, nodule_rois]
 LIBRARY_ASSETS = [roi_dataset, hash_model, hash_index, retrieval_evaluation]
 DIAGNOSIS_ASSETS = [lidc_diagnosis, nodule_diagnosis]
-ALL_ASSETS = [*INGESTION_ASSETS, *LIBRARY_ASSETS, *DIAGNOSIS_ASSETS]
+STUDY_ASSETS = [comparison_study]
+ALL_ASSETS = [*INGESTION_ASSETS, *LIBRARY_ASSETS, *DIAGNOSIS_ASSETS, *STUDY_ASSETS]
 ALL_CHECKS = [
     index_rows_match_database,
     index_uses_current_model,

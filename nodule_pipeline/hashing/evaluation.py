@@ -346,14 +346,13 @@ def evaluate(
     log: Callable[[str], None] = lambda _: None,
     recipe: TrainConfig | None = None,
     network: NetworkConfig | None = None,
-    deployed: Deployed | None = None,
     diagnosis: pd.DataFrame | None = None,
 ) -> Evaluation:
-    """The whole report on a ROI table (with a ``split`` column, or split by patient here).
+    """The comparison study on a ROI table (with a ``split`` column, or split by patient here):
+    every method trained from scratch on the training split and scored on the test split.
 
     ``recipe``/``network``: how the study trains (the deployed model's, when there is one; else
-    the defaults); ``deployed``: the model and index users search, the report's headline;
-    ``diagnosis``: TCIA's diagnosis sheet (its table), for the ``pathology`` section.
+    the defaults); ``diagnosis``: TCIA's diagnosis sheet (its table), for the ``pathology`` section.
     """
     recipe = recipe or TrainConfig()
     network = network or NetworkConfig()
@@ -366,9 +365,6 @@ def evaluate(
     held_out = validation_rows(patients, labels, recipe.validation_fraction, np.random.default_rng(0))
     report["study_validation"] = validation_note(patients, held_out, recipe.validation_fraction)
     predictions: dict[str, np.ndarray] = {}
-    if deployed is not None:
-        log("the deployed model through its index")
-        report["deployed"], deployed_rows, predictions["deployed model"] = evaluate_deployed(deployed, test, ks)
 
     # Ours: the recipe, hierarchical search, over seeds.
     per_seed, first = [], None
@@ -448,8 +444,34 @@ def evaluate(
     }
     if diagnosis is not None:
         report["pathology"] = pathology(table, diagnosis, study.recipe, network, log=log)
-    if deployed is not None and deployed.searcher.index.rois is not None:
-        index = deployed.searcher.index
-        shown = index.items.assign(label=np.asarray(index.labels), image=list(index.rois.reshape(len(index), -1)))
-        return Evaluation(report, deployed_rows[:, :10], test, shown)
     return Evaluation(report, ours_rows[:, :10], test, train)
+
+
+def evaluate_model(
+    table: pd.DataFrame,
+    deployed: Deployed,
+    log: Callable[[str], None] = lambda _: None,
+    diagnosis: pd.DataFrame | None = None,
+) -> Evaluation:
+    """The deployed model through its index on the table's test split, as users search it: the
+    headline (each search mode, code health), how often the readers agree with each other beside
+    it, and, with TCIA's ``diagnosis`` sheet, the ``pathology`` section (ours out of fold, under
+    the deployed recipe). Minutes at most: no method is retrained but the pathology folds."""
+    train, test = _split(table, "patient", 0)
+    model = deployed.searcher.model
+    log("the deployed model through its index")
+    headline, rows, predicted = evaluate_deployed(deployed, test, EvaluationConfig.ks)
+    report: dict[str, Any] = {
+        "split_mode": "patient",
+        "n_queries": len(test),
+        "n_database": len(train),
+        "deployed": headline,
+        "reader_agreement": _reader_agreement(test, {"deployed model": predicted}),
+    }
+    if diagnosis is not None:
+        report["pathology"] = pathology(table, diagnosis, model.config, model.network, log=log)
+    index = deployed.searcher.index
+    if index.rois is None:  # an index without its pictures: the examples show the training split
+        return Evaluation(report, np.full((len(test), 0), -1), test, train)
+    shown = index.items.assign(label=np.asarray(index.labels), image=list(index.rois.reshape(len(index), -1)))
+    return Evaluation(report, rows[:, :10], test, shown)

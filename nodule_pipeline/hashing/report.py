@@ -211,9 +211,27 @@ def _leakage_section(leakage: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any], figures: bool = True) -> str:
-    """The report's tables (values in percent). ``figures``: with its pictures, linked as the files
+    """The report's tables (values in percent): the deployed model's evaluation
+    (``retrieval_evaluation``) or the comparison study (``comparison_study``, ``evaluate-rois``),
+    whichever ``report`` holds. ``figures``: with its pictures, linked as the files
     :func:`write_report` puts beside it; without them where the markdown is shown elsewhere (the
     Dagster UI, which cannot follow a relative link and shows the pictures as their own entries)."""
+    parts = ["# Comparison study" if "ours" in report else "# Retrieval evaluation"]
+    if report.get("deployed"):
+        parts += _deployed_section(report["deployed"])
+    if report.get("reader_agreement"):
+        parts += _reader_agreement_section(report["reader_agreement"])
+    if report.get("pathology"):
+        parts += _pathology_section(report["pathology"])
+    if "ours" in report:
+        parts += _study_section(report, figures)
+    if figures:
+        parts.append("## Example queries\n![examples](examples.png)")
+    return "\n\n".join(parts) + "\n"
+
+
+def _study_section(report: dict[str, Any], figures: bool) -> list[str]:
+    """Every method trained from scratch on the training split: the paper's tables and figures."""
     ours = report["ours"]
     methods = _methods(report)
     ks = list(ours["map_at_k"])
@@ -237,14 +255,7 @@ def render_markdown(report: dict[str, Any], figures: bool = True) -> str:
     ]
     health = {name: m["code_health"] for name, m in methods.items() if "code_health" in m}
     low, high = ours["map_at_10_bootstrap_95"]
-    parts = ["# Retrieval evaluation"]
-    if report.get("deployed"):
-        parts += _deployed_section(report["deployed"])
-    if report.get("reader_agreement"):
-        parts += _reader_agreement_section(report["reader_agreement"])
-    if report.get("pathology"):
-        parts += _pathology_section(report["pathology"])
-    parts += [
+    parts = [
         "## Comparison study",
         f"Every method below was trained from scratch on the training split (split **{report['split_mode']}**, "
         f"{report['n_queries']} test queries against {report['n_database']} training ROIs, {report['bits']} bits; "
@@ -286,9 +297,7 @@ def render_markdown(report: dict[str, Any], figures: bool = True) -> str:
     ]
     if report.get("leakage"):
         parts += _leakage_section(report["leakage"])
-    if figures:
-        parts.append("## Example queries\n![examples](examples.png)")
-    return "\n\n".join(parts) + "\n"
+    return parts
 
 
 PAPER_OBJECTIVE_NOTE = (
@@ -350,19 +359,16 @@ def examples_figure(evaluation: Evaluation) -> bytes:
 
 
 def write_report(evaluation: Evaluation, out_dir: Path) -> dict[str, Path]:
-    """Write JSON, markdown and figures into ``out_dir`` (each file atomically)."""
-    files = {
-        "json": out_dir / REPORT_JSON,
-        "markdown": out_dir / "evaluation.md",
-        "map_at_k": out_dir / "map_at_k.png",
-        "examples": out_dir / "examples.png",
-    }
+    """Write JSON, markdown and figures into ``out_dir`` (each file atomically); the MAP@k curves
+    only for a comparison study (the deployed model's evaluation has one method)."""
     contents = {
-        "json": json.dumps(evaluation.report, indent=2).encode(),
-        "markdown": render_markdown(evaluation.report).encode(),
-        "map_at_k": map_at_k_figure(evaluation.report),
-        "examples": examples_figure(evaluation),
+        "json": (REPORT_JSON, json.dumps(evaluation.report, indent=2).encode()),
+        "markdown": ("evaluation.md", render_markdown(evaluation.report).encode()),
+        "examples": ("examples.png", examples_figure(evaluation)),
     }
-    for key, path in files.items():
-        atomic_write(path, lambda tmp, data=contents[key]: tmp.write_bytes(data))
+    if "ours" in evaluation.report:
+        contents["map_at_k"] = ("map_at_k.png", map_at_k_figure(evaluation.report))
+    files = {key: out_dir / name for key, (name, _) in contents.items()}
+    for key, (_, data) in contents.items():
+        atomic_write(files[key], lambda tmp, data=data: tmp.write_bytes(data))
     return files
