@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= data
 DEMO_PATIENTS ?= 24
-REPORT ?= quick
+REPORT ?= short
 
 .PHONY: demo ui test lint bench venv clean-data snapshot
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,k8s]'
 	touch $@
 
-demo: venv  ## generate the demo data if absent, materialize every asset, print a summary (REPORT=full: whole report)
+demo: venv  ## generate the demo data if absent, materialize every asset, print a summary (REPORT=quick or full: a longer study)
 	$(BIN)/nodule-pipeline demo --data-dir $(DATA_DIR) --patients $(DEMO_PATIENTS) --report $(REPORT)
 
 ui: venv  ## the Dagster UI on the same instance (http://127.0.0.1:3000)

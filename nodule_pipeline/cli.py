@@ -397,10 +397,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--report",
-        choices=["quick", "full", "none"],
+        choices=["short", "quick", "full", "none"],
         default="quick",
-        help="the deployed model's evaluation, then the comparison study at this profile: quick (minutes), "
-        "full (the whole study, about an hour on 2 cores), or none (neither)",
+        help="the deployed model's evaluation, then the comparison study at this profile: short (one seed, "
+        "no leakage study), quick (three seeds, minutes), full (the whole study, about an hour on 2 cores), "
+        "or none (neither)",
     )
 
 

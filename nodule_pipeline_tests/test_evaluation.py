@@ -202,6 +202,21 @@ def test_the_deployed_model_is_the_headline(tmp_path: Path) -> None:
     assert set(study["reader_agreement"]["model_accuracy"]) == {"ours (study, seed 0)"}
 
 
+def test_the_short_study_runs_every_method_once() -> None:
+    """``make demo``'s study: one seed, the one hash size, no leakage study, every method still."""
+    config = EvaluationConfig.profile("short")
+    assert (config.seeds, config.bits_sweep, config.leakage, config.epochs) == (1, (), False, 12)
+    assert config.hashing_baselines == EvaluationConfig().hashing_baselines
+    assert config.classifier_baselines == EvaluationConfig().classifier_baselines
+    report = evaluate(
+        _separable_table(), replace(config, epochs=2, hashing_baselines=(), classifier_baselines=())
+    ).report
+    assert report["leakage"] is None and report["bits_sweep"] == {}
+    assert len(report["ours"]["spread"]["map_at_10"]["values"]) == 1
+    markdown = render_markdown(report)
+    assert "### Hash bits" not in markdown and "## Leakage" not in markdown and "### Spread of ours" in markdown
+
+
 def test_the_rows_order_of_a_table_does_not_change_the_evaluation() -> None:
     """evaluate-rois on the same table with its rows shuffled: same model, same ranked nodules."""
     table = _separable_table(patients=12, per_patient=6)

@@ -24,10 +24,10 @@ STUDY_FOLDER = "study"
 
 class StudySettings(Config):
     """The study's size: ``full`` (every configuration at the deployed recipe's epochs, 3 seeds;
-    about an hour on 2 CPU cores for the demo data) or ``quick`` (12 epochs, 3 seeds, no Table 2
-    variants)."""
+    about an hour on 2 CPU cores for the demo data), ``quick`` (12 epochs, 3 seeds, no Table 2
+    variants) or ``short`` (quick at one seed, one hash size, no leakage study)."""
 
-    profile: Literal["full", "quick"] = "full"
+    profile: Literal["full", "quick", "short"] = "full"
     bits: int = 256
     seeds: int | None = None
     epochs: int | None = None

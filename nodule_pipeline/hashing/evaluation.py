@@ -99,9 +99,15 @@ class EvaluationConfig:
         return replace(quick, **overrides)
 
     @classmethod
+    def short(cls, **overrides: Any) -> EvaluationConfig:
+        """:meth:`quick` at one seed, one hash size and no leakage study (which needs seeds on two
+        splits): every method still runs once, for ``make demo``."""
+        return replace(cls.quick(seeds=1, bits_sweep=(), leakage=False), **overrides)
+
+    @classmethod
     def profile(cls, name: str, **overrides: Any) -> EvaluationConfig:
-        """``full`` or ``quick``, with the overrides that are not None (CLI and asset options)."""
-        base = cls.quick() if name == "quick" else cls()
+        """``full``, ``quick`` or ``short``, with the overrides that are not None (CLI and asset options)."""
+        base = {"quick": cls.quick, "short": cls.short}.get(name, cls)()
         return replace(base, **{key: value for key, value in overrides.items() if value is not None})
 
 

@@ -279,8 +279,14 @@ def _study_section(report: dict[str, Any], figures: bool) -> list[str]:
         "### Code health (database codes)",
         "Collapsed codes rank nothing: few distinct codes, constant bits, a whole class at Hamming 0.",
         _table(["method", *(label for _, label in HEALTH_COLUMNS)], _health_rows(health)),
-        "### Hash bits (Table 3 analogue)",
-        _table(["bits", "accuracy", "recall", "F1", "MAP@10", "distinct codes"], bits),
+        *(
+            [
+                "### Hash bits (Table 3 analogue)",
+                _table(["bits", "accuracy", "recall", "F1", "MAP@10", "distinct codes"], bits),
+            ]
+            if bits
+            else []
+        ),
         "### Search stages (ablation)",
         "Flat Hamming ranking (the codes alone), Hamming pool re-ranked by Euclidean distance on `fc`, and the "
         "paper's class-gated pipeline, on the same codes.",
