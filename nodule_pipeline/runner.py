@@ -247,10 +247,9 @@ def stale_library(
     data_dir: Path,
     names: tuple[str, ...],
     training: dict | None,
-    report: str,
 ) -> tuple[str, ...]:
     """The library assets to (re)build: from the first one that is not current, or not built with
-    the training and report settings asked for, to the end of the chain (none: all current). A
+    the training settings asked for, to the end of the chain (none: all current). A
     stale index means retraining too, so that a model that failed its checks is never indexed."""
     trained_with = metadata_of(latest_record(instance, "hash_model")).get("config") or {}
     for position, name in enumerate(names):
@@ -391,7 +390,7 @@ def run_pipeline(
     if rerun or not diagnosis_is_current(instance, defs, data_dir, scans.root, diagnosis_sheet, ("lidc_diagnosis",)):
         sheet = run_diagnosis(defs, instance, tags, ("lidc_diagnosis",))
         sheet_failure = None if sheet.success else diagnosis_failure(sheet)
-    stale = names if rerun else stale_library(instance, defs, data_dir, names, training, report)
+    stale = names if rerun else stale_library(instance, defs, data_dir, names, training)
     summary.library_ok, summary.library_skipped = True, not stale
     summary.library_metadata = {name: _latest_metadata(instance, name) for name in LIBRARY_ASSET_NAMES}
     if not stale:

@@ -139,11 +139,11 @@ def test_only_the_stale_end_of_the_library_is_redone(resumed, tmp_path: Path) ->
     defs, instance = build_definitions(copy, root), open_instance(copy)
     library = ("roi_dataset", "hash_model", "hash_index")
 
-    def stale(names: tuple[str, ...] = library, training: dict = QUICK_TRAINING, report: str = "none"):
-        return stale_library(instance, defs, copy, names, training, report)
+    def stale(names: tuple[str, ...] = library, training: dict = QUICK_TRAINING):
+        return stale_library(instance, defs, copy, names, training)
 
     assert stale() == ()
-    assert stale((*library, "retrieval_evaluation"), report="quick") == ("retrieval_evaluation",)
+    assert stale((*library, "retrieval_evaluation")) == ("retrieval_evaluation",)
     assert stale(training={**QUICK_TRAINING, "epochs": 3}) == ("hash_model", "hash_index")
     shutil.rmtree(artefact_folder(artefacts_dir(copy), ["hash_index"]))
     assert stale() == ("hash_model", "hash_index")
