@@ -69,8 +69,9 @@ def test_helm_concurrency_is_the_instance_concurrency() -> None:
 
 
 def test_runs_that_train_carry_the_gpu_tag() -> None:
-    """Training jobs, the retrain schedule and the automation sensor that re-runs the evaluation
-    (backfills of those jobs included: they carry the job's tags) ask for a GPU; nothing else does."""
+    """Training jobs, the retrain schedule, the automation sensor that re-runs the evaluation and the
+    comparison study with its schedule (backfills of those jobs included: they carry the job's
+    tags) ask for a GPU; nothing else does."""
     from nodule_pipeline.definitions import defs
 
     gpu = concurrency.TRAIN[concurrency.K8S_CONFIG_TAG]
@@ -78,7 +79,14 @@ def test_runs_that_train_carry_the_gpu_tag() -> None:
     tags |= {s.name: s.tags for s in defs.schedules}
     tags |= {s.name: s.run_tags for s in defs.sensors if isinstance(s, AutomationConditionSensorDefinition)}
     asking = {name for name, run_tags in tags.items() if run_tags.get(concurrency.K8S_CONFIG_TAG) == gpu}
-    assert asking == {"build_library", "retrain", "weekly_retrain", "evaluation_after_retrain"}
+    assert asking == {
+        "build_library",
+        "retrain",
+        "weekly_retrain",
+        "evaluation_after_retrain",
+        "study",
+        "monthly_study",
+    }
     assert not [
         name for name, run_tags in tags.items() if name not in asking and concurrency.K8S_CONFIG_TAG in run_tags
     ]

@@ -114,7 +114,12 @@ def test_queued_run_coordinator_with_stage_limits(pg_run: PostgresRun) -> None:
     assert queue is not None
     assert queue.max_concurrent_runs >= 4
     limits = {(limit["key"], limit.get("value")): limit["limit"] for limit in queue.tag_concurrency_limits}
-    assert limits == {(STAGE_TAG, "ingest"): 4, (STAGE_TAG, "train"): 1, (STAGE_TAG, "index"): 1}
+    assert limits == {
+        (STAGE_TAG, "ingest"): 4,
+        (STAGE_TAG, "train"): 1,
+        (STAGE_TAG, "index"): 1,
+        (STAGE_TAG, "study"): 1,
+    }
 
     # The limits mean what they say: with 4 ingest runs in progress a 5th waits, a train run does not;
     # with 1 train run in progress a 2nd waits.
@@ -128,6 +133,9 @@ def test_queued_run_coordinator_with_stage_limits(pg_run: PostgresRun) -> None:
     training = TagConcurrencyLimitsCounter(queue.tag_concurrency_limits, [run("train")])
     assert training.is_blocked(run("train"))
     assert not training.is_blocked(run("ingest"))
+    # a long comparison study never holds a retrain in the queue, nor a retrain the study
+    assert not TagConcurrencyLimitsCounter(queue.tag_concurrency_limits, [run("study")]).is_blocked(run("train"))
+    assert not training.is_blocked(run("study"))
 
 
 def test_submitted_run_waits_in_the_queue(pg_run: PostgresRun, tmp_path: Path) -> None:
