@@ -10,6 +10,9 @@ import pytest
 LIDC_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "lidc-sample"
 SAMPLE_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
 REAL_NODULES = Path(__file__).resolve().parents[2] / "shared" / "lidc-real-nodules" / "rois.parquet"
+DIAGNOSIS_SHEET = (
+    Path(__file__).resolve().parents[2] / "shared" / "lidc-diagnosis" / "tcia-diagnosis-data-2012-04-20.xls"
+)
 NO_ACCURACY_FLOOR = {"accuracy_floor": 0.0}
 """``hash_model`` config for a handful of ROIs, where test accuracy says little: index anyway."""
 QUICK_TRAINING = {"epochs": 2, **NO_ACCURACY_FLOOR}
@@ -53,6 +56,12 @@ def lidc_sample() -> Path:
 def real_nodules() -> Path:
     """The 1,733 real LIDC nodules (ROI table), for choices that must hold on real CT."""
     return require_shared(REAL_NODULES, "real LIDC nodules")
+
+
+@pytest.fixture(scope="session")
+def diagnosis_sheet() -> Path:
+    """TCIA's real diagnosis spreadsheet, read in place: missing, it skips here and fails under CI=true."""
+    return require_shared(DIAGNOSIS_SHEET, "TCIA's LIDC diagnosis spreadsheet")
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,6 @@ from nodule_pipeline.lidc.diagnosis import (
     read_diagnosis_sheet,
 )
 from nodule_pipeline.privacy import PSEUDONYM_KEY_ENV, Pseudonymiser
-from nodule_pipeline_tests.conftest import require_shared
-
-DIAGNOSIS_SHEET = (
-    Path(__file__).resolve().parents[2] / "shared" / "lidc-diagnosis" / "tcia-diagnosis-data-2012-04-20.xls"
-)
 
 LEGEND = "\n0=Unknown\n1=benign or non-malignant disease\n2= malignant, primary lung cancer\n3 = malignant metastatic\n"
 METHOD_LEGEND = "\n0 = unknown\n1 = review of radiological images to show 2 years of stable nodule\n2 = biopsy\n"
@@ -48,12 +43,6 @@ GOOD_ROWS = [
     ["LIDC-IDRI-1002", 2, 2, "non-small cell carcinoma"],
     ["LIDC-IDRI-1011", 3, 2, "tongue", 3, 2, 3, 4, " ", " "],
 ]
-
-
-@pytest.fixture(scope="module")
-def diagnosis_sheet() -> Path:
-    """The real spreadsheet, read in place: missing, it skips here and fails under CI=true."""
-    return require_shared(DIAGNOSIS_SHEET, "TCIA's LIDC diagnosis spreadsheet")
 
 
 @pytest.fixture(scope="module")
