@@ -1,13 +1,15 @@
-"""The evaluation behind the report, in two parts, and a reference for both.
+"""The evaluation behind the reports, in two parts, and a reference for both.
 
-1. **The deployed model** (when given): the ``hash_model`` asset queried through its
-   ``hash_index`` with :class:`~nodule_pipeline.hashing.searcher.NoduleSearcher`, the search code
-   users call, the test split as queries. Its accuracy is the model card's.
-2. **The comparison study**: every method retrained from scratch on the training split under the
-   same recipe as the deployed model: ours over seeds; the paper's cross-entropy-only objective
-   and the paper's whole recipe; the network variants of the paper's Table 2; shallow and deep
-   hashing baselines; SVM and ELM; a raw-pixel Euclidean kNN; hash sizes; and the leak of the
-   paper's random ROI split, with seeds on both splits.
+1. **The deployed model** (:func:`evaluate_model`, ``retrieval_evaluation``): the ``hash_model``
+   asset queried through its ``hash_index`` with
+   :class:`~nodule_pipeline.hashing.searcher.NoduleSearcher`, the search code users call, the test
+   split as queries. Its accuracy is the model card's. Nothing is retrained.
+2. **The comparison study** (:func:`evaluate`, ``comparison_study`` and ``evaluate-rois``):
+   every method retrained from scratch on the training split under the same recipe as the
+   deployed model: ours over seeds; the paper's cross-entropy-only objective and the paper's
+   whole recipe; the network variants of the paper's Table 2; shallow and deep hashing
+   baselines; SVM and ELM; a raw-pixel Euclidean kNN; hash sizes; and the leak of the paper's
+   random ROI split, with seeds on both splits.
 
 Beside them, the readers' own agreement on the test nodules
 (:func:`~nodule_pipeline.hashing.metrics.reader_agreement`) with each model's accuracy on the
