@@ -21,6 +21,7 @@ from nodule_pipeline.concurrency import GPU_POOL
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.card import ModelArtefact, library_versions, weights_fingerprint
 from nodule_pipeline.hashing.codes import code_health
+from nodule_pipeline.hashing.metrics import table_ratings
 from nodule_pipeline.hashing.network import NetworkConfig
 from nodule_pipeline.hashing.training import (
     EpochStats,
@@ -165,7 +166,13 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
 
     started = time.perf_counter()
     model = train_hash_model(
-        roi_images(train), train["label"].to_numpy(), train["patient_id"].to_numpy(), network, settings, progress
+        roi_images(train),
+        train["label"].to_numpy(),
+        train["patient_id"].to_numpy(),
+        network,
+        settings,
+        progress,
+        ratings=table_ratings(train),
     )
     metrics = (
         classification_metrics(test["label"].to_numpy(), encode(model, roi_images(test)).predicted) if len(test) else {}

@@ -39,16 +39,17 @@ from nodule_pipeline.hashing.baselines import (
 from nodule_pipeline.hashing.codes import code_health, unpack_codes
 from nodule_pipeline.hashing.index import build_index
 from nodule_pipeline.hashing.metrics import (
+    RATING_NAMES,
     bootstrap_interval,
     difference_interval,
     mean_std,
     ndcg_at_k,
     per_query_metrics,
     ranked_relevance,
-    ratings_matrix,
     reader_agreement,
     relevant_counts,
     retrieval_metrics,
+    table_ratings,
 )
 from nodule_pipeline.hashing.network import VARIANTS, NetworkConfig, normalise_rois
 from nodule_pipeline.hashing.pathology import pathology
@@ -70,6 +71,7 @@ CLASSIFICATION_KEYS = ("accuracy", "recall", "f1", "precision")
 RAW_KNN = "Raw-pixel kNN"
 PAPER_OBJECTIVE = "Paper objective (CE only)"
 PAPER_RECIPE = "Paper recipe"
+WITHOUT_RATINGS = "Ours without the readers' ratings"
 LEAKAGE_METRICS = ("accuracy", "p_at_10", "map_at_10")
 
 
@@ -145,10 +147,6 @@ def _split(table: pd.DataFrame, mode: str, seed: int) -> tuple[pd.DataFrame, pd.
     return train, test
 
 
-def _ratings(table: pd.DataFrame) -> np.ndarray | None:
-    return ratings_matrix(table) if {"malignancy", "texture"} <= set(table.columns) else None
-
-
 def ranking_metrics(
     ranked_rows: np.ndarray,
     queries: pd.DataFrame,
@@ -165,9 +163,10 @@ def ranking_metrics(
     relevance = ranked_relevance(query_labels, db_labels, ranked_rows)
     counts = relevant_counts(query_labels, db_labels) if relevant_in_db is None else relevant_in_db
     metrics = retrieval_metrics(relevance, counts, ks=ks)
+    query_ratings, database_ratings = table_ratings(queries), table_ratings(database)
     for key, rows in (("ndcg_at_10", ranked_rows), ("ndcg_at_10_within_class", within_class_rows)):
         if rows is not None:
-            _, metrics[key] = ndcg_at_k(_ratings(queries), _ratings(database), query_labels, db_labels, rows, k=10)
+            _, metrics[key] = ndcg_at_k(query_ratings, database_ratings, query_labels, db_labels, rows, k=10)
     return metrics
 
 
@@ -216,23 +215,28 @@ class _Study:
             self.train["patient_id"].to_numpy(),
             replace(self.network, bits=bits, variant=variant),
             recipe,
+            ratings=table_ratings(self.train),
         )
         database = encode(model, self.train_images)
         return database, encode(model, self.test_images), code_health(database.codes, self.train["label"].to_numpy())
 
     def score(self, database: Encoded, queries: Encoded, mode: str = "hierarchical") -> tuple[dict, np.ndarray]:
         """Classification of the queries plus retrieval in one search mode."""
-        items = self.train[["patient_id", "nodule_id"]]
+        items = self.train[[c for c in ("patient_id", "nodule_id", *RATING_NAMES) if c in self.train.columns]]
         index = build_index(database.codes, database.fc, self.train["label"].to_numpy(), items, "evaluation")
-        result = search_batch(index, queries.codes, queries.fc, queries.predicted, k=self.k_max, mode=mode)
+        ratings = queries.ratings
+
+        def searched(classes: np.ndarray) -> np.ndarray:
+            return search_batch(index, queries.codes, queries.fc, classes, self.k_max, mode, query_ratings=ratings).rows
+
+        rows = searched(queries.predicted)
         within = None
         if mode == "hierarchical":  # the gate at the true class: the pool's order alone
-            labels = self.test["label"].to_numpy()
-            within = search_batch(index, queries.codes, queries.fc, labels, k=self.k_max, mode=mode).rows
-        metrics = ranking_metrics(result.rows, self.test, self.train, self.config.ks, within_class_rows=within)
+            within = searched(self.test["label"].to_numpy())
+        metrics = ranking_metrics(rows, self.test, self.train, self.config.ks, within_class_rows=within)
         classified = classification_metrics(self.test["label"].to_numpy(), queries.predicted)
         metrics.update({name: classified[name] for name in CLASSIFICATION_KEYS})
-        return metrics, result.rows
+        return metrics, rows
 
     def run(
         self, variant: str, bits: int, seed: int, recipe: TrainConfig | None = None, name: str | None = None
@@ -394,14 +398,17 @@ def evaluate(
     log("ours: ablation of the search stages")
     ablation = {mode: study.score(database, queries, mode)[0] for mode in SEARCH_MODES}
 
+    without_ratings = replace(study.recipe, ratings_weight=0, graded_pairwise=False)
     cross_entropy_only = replace(
-        study.recipe, pairwise_weight=0, quantization_weight=0, balance_weight=0, decorrelation_weight=0
+        without_ratings, pairwise_weight=0, quantization_weight=0, balance_weight=0, decorrelation_weight=0
     )
     paper = TrainConfig.paper(epochs=config.epochs or TrainConfig.paper().epochs)
     objectives = {
         PAPER_OBJECTIVE: study.run("ours", config.bits, 0, cross_entropy_only, PAPER_OBJECTIVE),
         PAPER_RECIPE: study.run("ours", config.bits, 0, paper, PAPER_RECIPE),
     }
+    if study.recipe.uses_ratings and table_ratings(train) is not None:  # what the readers' ratings add
+        objectives[WITHOUT_RATINGS] = study.run("ours", config.bits, 0, without_ratings, WITHOUT_RATINGS)
 
     baselines: dict[str, dict] = {}
     for variant in config.variants:
@@ -453,6 +460,22 @@ def evaluate(
     if diagnosis is not None:
         report["pathology"] = pathology(table, diagnosis, study.recipe, network, log=log)
     return Evaluation(report, ours_rows[:, :10], test, train)
+
+
+def evaluate_recipe(
+    table: pd.DataFrame,
+    recipe: TrainConfig,
+    split_seed: int = 0,
+    seed: int = 0,
+    config: EvaluationConfig | None = None,
+    network: NetworkConfig | None = None,
+) -> dict[str, Any]:
+    """One recipe trained once on a patient split of ``table`` and scored as the study scores
+    ours (hierarchical search, classification, code health): what a robustness sweep repeats."""
+    config = replace(config or EvaluationConfig.quick(), split_seed=split_seed)
+    train, test = _split(table, "patient", split_seed)
+    study = _Study(train, test, config, recipe, network or NetworkConfig(), lambda _: None)
+    return study.run("ours", config.bits, seed)
 
 
 def evaluate_model(

@@ -289,6 +289,12 @@ def ratings_matrix(table: pd.DataFrame, names: Sequence[str] = RATING_NAMES) -> 
     return np.stack(columns, axis=1) if columns else np.empty((n, 0))
 
 
+def table_ratings(table: pd.DataFrame) -> np.ndarray | None:
+    """:func:`ratings_matrix` of a table that has the readers' characteristics (at least
+    malignancy and texture columns), None for one that has none."""
+    return ratings_matrix(table) if {"malignancy", "texture"} <= set(table.columns) else None
+
+
 def _check_scales(scales: Sequence[RatingScale | tuple[float, float]] | None, n_ratings: int) -> list[RatingScale]:
     if scales is None:
         if n_ratings not in (0, len(RATING_NAMES)):

@@ -11,8 +11,9 @@ Layout (variant ``"ours"``)::
                       |                                                      +-- concat -- FC -- fc
                       +-- BiLSTM over the 32 rows ---- temporal attention ---+
     fc -- dropout -- hash layer h = sigmoid(W fc + b) (H nodes) -- code = h > 0.5
-                                     |
-                                     +-- softmax classifier (reads h, as in the paper's Fig. 2)
+     |                               |
+     |                               +-- softmax classifier (reads h, as in the paper's Fig. 2)
+     +-- rating head (optional): logits over each reader rating's levels (``rating_outputs``)
 
 The classifier reads the hash layer, not ``fc``: class supervision then flows through ``h`` and
 shapes the codes, which is what makes Hamming retrieval class-aware.
@@ -72,6 +73,9 @@ class NetworkConfig:
     only the lower bound is enforced, because a smaller ``fc_dim`` is a legitimate speed
     trade-off for experiments. ``cnn_channels`` are the five conv layers' widths; the paper does
     not give them. Half (16..64) and double (64..256) these widths measured the same accuracy.
+    ``rating_outputs``: width of the auxiliary head that predicts the readers' ratings from ``fc``
+    (:data:`~nodule_pipeline.hashing.characteristics.ENCODED_WIDTH`), 0 for none; training sets
+    it when the table has ratings and the recipe weighs them.
     """
 
     bits: int = 256
@@ -82,6 +86,7 @@ class NetworkConfig:
     num_classes: int = 2
     dropout: float = 0.5
     cnn_channels: tuple[int, ...] = (32, 64, 128, 128, 128)
+    rating_outputs: int = 0
 
     def __post_init__(self) -> None:
         if self.variant not in _VARIANTS:
@@ -94,6 +99,8 @@ class NetworkConfig:
             raise ValueError(
                 f"{self.bits} bits cannot separate {self.num_classes} classes (need log2(classes) <= bits)"
             )
+        if self.rating_outputs < 0:
+            raise ValueError(f"rating_outputs must be >= 0, got {self.rating_outputs}")
         for name in ("lstm_hidden", "attention_dim", "fc_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -131,11 +138,13 @@ class NetworkConfig:
 
 
 class HashNetOutput(NamedTuple):
-    """``fc``: features for Euclidean re-ranking; ``hash_probs``: sigmoid h (code = h > 0.5); ``logits``."""
+    """``fc``: features for Euclidean re-ranking; ``hash_probs``: sigmoid h (code = h > 0.5);
+    ``logits``; ``rating_logits``: the rating head's logits per rating level (None without a head)."""
 
     fc: torch.Tensor
     hash_probs: torch.Tensor
     logits: torch.Tensor
+    rating_logits: torch.Tensor | None = None
 
 
 class ConvBranch(nn.Module):
@@ -245,6 +254,7 @@ class HashNet(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.hash_layer = nn.Linear(config.fc_dim, config.bits)
         self.classifier = nn.Linear(config.bits, config.num_classes)
+        self.rating_head = nn.Linear(config.fc_dim, config.rating_outputs) if config.rating_outputs else None
 
     def fused_features(self, x: torch.Tensor) -> torch.Tensor:
         """The branch outputs, pooled and concatenated (before the FC layer)."""
@@ -273,7 +283,8 @@ class HashNet(nn.Module):
         fc = self.fc(self.fused_features(x))
         hash_probs = torch.sigmoid(self.hash_layer(self.dropout(fc)))
         logits = self.classifier(hash_probs)
-        return HashNetOutput(fc=fc, hash_probs=hash_probs, logits=logits)
+        ratings = None if self.rating_head is None else self.rating_head(fc)
+        return HashNetOutput(fc=fc, hash_probs=hash_probs, logits=logits, rating_logits=ratings)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from nodule_pipeline.hashing.index import build_index
+from nodule_pipeline.hashing.metrics import table_ratings
 from nodule_pipeline.hashing.network import NetworkConfig
 from nodule_pipeline.hashing.search import search_batch
 from nodule_pipeline.hashing.training import TrainConfig, encode, train_hash_model
@@ -87,12 +88,18 @@ def pathology(
     patients = np.random.default_rng(seed).permutation(matched["patient_id"].unique())
     groups = np.array_split(patients, min(folds, len(patients)))
     images = roi_images(table)
+    ratings = table_ratings(table)
     first_rows = np.array([rows_of[nodule][0] for nodule in matched["nodule_id"]])
     for number, held_out in enumerate(groups, start=1):
         training = ~table["patient_id"].astype(str).isin(held_out).to_numpy()
         log(f"pathology: fold {number}/{len(groups)}, {len(held_out)} patient(s) held out")
         model = train_hash_model(
-            images[training], labels[training], table["patient_id"].to_numpy()[training], network, recipe
+            images[training],
+            labels[training],
+            table["patient_id"].to_numpy()[training],
+            network,
+            recipe,
+            ratings=None if ratings is None else ratings[training],
         )
         in_fold = matched["patient_id"].isin(held_out).to_numpy()
         for position in np.flatnonzero(in_fold):  # a nodule's call: the mean of its rows' p(malignant)

@@ -8,7 +8,11 @@ Three modes, so the report can show what each stage adds (DESIGN section 3.3):
 - ``"hierarchical"`` (the paper): only database items whose ground-truth label equals the
   query's *predicted* class (the "class library"), then Hamming pool, then Euclidean re-rank.
   When that library is empty (after exclusions) the whole database is searched instead and every
-  hit carries ``class_fallback=True``.
+  hit carries ``class_fallback=True``. Where the library holds the readers' ratings (its items'
+  characteristic columns) and the query comes with the model's predicted ratings, the pool is
+  :data:`RATING_POOL_FACTOR` x k and re-ranked by expected rating distance
+  (:mod:`~nodule_pipeline.hashing.characteristics`), Euclidean distance settling ties: the order
+  follows how readers describe nodules, which the graded nDCG measures.
 
 Results never depend on database row order (DESIGN section 6): a candidate pool holds every item
 tied at its boundary distance (so "the 2k nearest" may be more than 2k items), and final ties go
@@ -38,7 +42,7 @@ import math
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -47,8 +51,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from nodule_pipeline.hashing.characteristics import ENCODED_WIDTH, encode_ratings, has_ratings, rating_distances
 from nodule_pipeline.hashing.codes import pack_codes
 from nodule_pipeline.hashing.index import HashIndex
+from nodule_pipeline.hashing.metrics import RATING_NAMES, ratings_matrix
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,11 @@ _ITEMS_KEY = "search_item_columns"
 _STABLE_KEY = "search_stable_key"
 TIE_KEY_COLUMNS = ("nodule_id", "annotation_id")
 """The item columns that settle equal distances, in order (those an index's items have)."""
+_RATINGS_KEY = "search_reader_ratings"
+RATING_POOL_FACTOR = 10
+"""Pool of a rating re-rank, in multiples of k: on the real nodules the rating order inside the
+class ranks best over the whole class library, and a Hamming pool of 10k keeps all but a point
+of that at any library size (2k, the Euclidean pool, keeps less)."""
 _layout_lock = threading.Lock()
 
 
@@ -541,6 +552,7 @@ class SearchHit:
     euclidean: float | None  # None in "hamming" mode
     index_version: str
     class_fallback: bool = False  # gating asked for, class library empty: searched the whole database
+    rating_distance: float | None = None  # expected rating distance (0..1), where the re-rank used it
 
     def to_json(self) -> dict[str, Any]:
         """Exactly the keys of the search-result contract, as plain JSON types."""
@@ -569,6 +581,7 @@ class BatchResult:
     hamming: np.ndarray  # int32 (q, k), -1 in padding
     euclidean: np.ndarray  # float32 (q, k), NaN in padding and in "hamming" mode
     class_fallback: np.ndarray  # bool (q,)
+    rating_distance: np.ndarray | None = None  # float32 (q, k) where the rating re-rank ran, NaN in padding
 
 
 def nodule_of_rows(index: HashIndex) -> np.ndarray:
@@ -606,12 +619,15 @@ def fold_batch(result: BatchResult, nodule_of_row: np.ndarray, k: int) -> BatchR
     rows = np.full((nq, k), -1, dtype=np.int64)
     hamming = np.full((nq, k), -1, dtype=np.int32)
     euclidean = np.full((nq, k), np.nan, dtype=np.float32)
+    ratings = None if result.rating_distance is None else np.full((nq, k), np.nan, dtype=np.float32)
     for query in range(nq):
         keep = first_of_each_nodule(result.rows[query], nodule_of_row, k)
         rows[query, : len(keep)] = result.rows[query, keep]
         hamming[query, : len(keep)] = result.hamming[query, keep]
         euclidean[query, : len(keep)] = result.euclidean[query, keep]
-    return BatchResult(rows, hamming, euclidean, result.class_fallback)
+        if ratings is not None:
+            ratings[query, : len(keep)] = result.rating_distance[query, keep]
+    return BatchResult(rows, hamming, euclidean, result.class_fallback, ratings)
 
 
 # --------------------------------------------------------------------------- search
@@ -683,6 +699,41 @@ def _excluded_rows(index: HashIndex, exclude_patient: str | None, exclude_rows: 
     return np.unique(np.concatenate(parts))
 
 
+def reader_ratings(index: HashIndex) -> np.ndarray | None:
+    """The library's reader ratings encoded for the rating re-rank, from its items'
+    characteristic columns (cached on the index), or None when the items hold no ratings."""
+    if _RATINGS_KEY not in index._cache:
+        encoded = None
+        if any(name in index.items.columns for name in RATING_NAMES):
+            encoded = encode_ratings(ratings_matrix(index.items))
+            encoded = encoded if has_ratings(encoded) else None
+        index._cache[_RATINGS_KEY] = encoded
+    return index._cache[_RATINGS_KEY]
+
+
+def _rating_query(index: HashIndex, query_ratings: np.ndarray | None, mode: str, nq: int) -> np.ndarray | None:
+    """The queries' predicted ratings when this search re-ranks by them (hierarchical mode, a
+    library with reader ratings), else None."""
+    if query_ratings is None or mode != "hierarchical" or reader_ratings(index) is None:
+        return None
+    ratings = np.asarray(query_ratings, dtype=np.float32).reshape(nq, -1)
+    if ratings.shape[1] != ENCODED_WIDTH or not np.isfinite(ratings).all():
+        raise ValueError(f"query_ratings must be finite, one row of {ENCODED_WIDTH} per query")
+    return ratings
+
+
+class _Ranked(NamedTuple):
+    """Top k of q queries: rows (q, k), Hamming (q, k), Euclidean (q, k) or None, rating distance
+    (q, k) or None, hits per query (q,), class-fallback flags (q,). Padding is -1 / NaN."""
+
+    rows: np.ndarray
+    hamming: np.ndarray
+    euclidean: np.ndarray | None
+    rating_distance: np.ndarray | None
+    counts: np.ndarray
+    fallback: np.ndarray
+
+
 def _search_many(
     index: HashIndex,
     qwords: np.ndarray,
@@ -692,17 +743,23 @@ def _search_many(
     mode: str,
     pool_factor: float,
     excluded: Sequence[np.ndarray],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
-    """Top k of q queries (best first): rows (q, k), Hamming (q, k), Euclidean (q, k) or None,
-    the number of hits per query (q,) and the class-fallback flags (q,). Padding is -1 / NaN.
-    The Hamming pool holds every row tied at its boundary; final ties go by the stable key."""
+    query_ratings: np.ndarray | None = None,
+) -> _Ranked:
+    """Top k of q queries, best first. The Hamming pool holds every row tied at its boundary;
+    final ties go by the stable key. ``query_ratings``: see :func:`_rating_query`."""
     nq = qwords.shape[0]
+    by_ratings = query_ratings is not None
+    if by_ratings:
+        pool_factor = max(pool_factor, RATING_POOL_FACTOR)
     m = k if mode == "hamming" else max(k, math.ceil(pool_factor * k))
     fallback = np.zeros(nq, dtype=bool)
+    out_rows = np.full((nq, k), -1, dtype=np.int64)
+    out_ham = np.full((nq, k), -1, dtype=np.int64)
+    out_eu = None if mode == "hamming" else np.full((nq, k), np.nan, dtype=np.float32)
+    out_ratings = np.full((nq, k), np.nan, dtype=np.float32) if by_ratings else None
+    counts = np.zeros(nq, dtype=np.int64)
     if len(index) == 0 or nq == 0:
-        empty = np.full((nq, k), -1, dtype=np.int64)
-        eu = None if mode == "hamming" else np.full((nq, k), np.nan, dtype=np.float32)
-        return empty, empty.copy(), eu, np.zeros(nq, dtype=np.int64), fallback
+        return _Ranked(out_rows, out_ham, out_eu, out_ratings, counts, fallback)
     layout = _layout(index)
     labels = np.asarray(index.labels)
     spaces: list[int | None] = [None] * nq
@@ -716,21 +773,23 @@ def _search_many(
     positions = [layout.positions(labels, ex) if len(ex) else ex for ex in excluded]
     pools = _hamming_pools(layout, qwords, spaces, positions, m)
     keys = _stable_keys(index)
-    out_rows = np.full((nq, k), -1, dtype=np.int64)
-    out_ham = np.full((nq, k), -1, dtype=np.int64)
-    out_eu = None if mode == "hamming" else np.full((nq, k), np.nan, dtype=np.float32)
-    counts = np.zeros(nq, dtype=np.int64)
+    library_ratings = reader_ratings(index) if by_ratings else None
     for i, (pool, ham) in enumerate(pools):
         if out_eu is None:
             order = np.lexsort((keys[pool], ham))[:k]
         else:
             eu = _euclidean(index, pool, query_fc32[i])  # type: ignore[index]
-            order = np.lexsort((keys[pool], eu))[:k]
+            if library_ratings is None:
+                order = np.lexsort((keys[pool], eu))[:k]
+            else:  # items without ratings (NaN) after every rated one, in Euclidean order
+                rated = rating_distances(query_ratings[i : i + 1], library_ratings[pool])[0]
+                order = np.lexsort((keys[pool], eu, np.nan_to_num(rated, nan=np.inf)))[:k]
+                out_ratings[i, : len(order)] = rated[order]  # type: ignore[index]
             out_eu[i, : len(order)] = eu[order]
         out_rows[i, : len(order)] = pool[order]
         out_ham[i, : len(order)] = ham[order]
         counts[i] = len(order)
-    return out_rows, out_ham, out_eu, counts, fallback
+    return _Ranked(out_rows, out_ham, out_eu, out_ratings, counts, fallback)
 
 
 def _item_columns(index: HashIndex) -> dict[str, Any]:
@@ -788,13 +847,16 @@ def search(
     pool_factor: float = 2,
     exclude_patient: str | None = None,
     exclude_rows: Iterable[int] | None = None,
+    query_ratings: np.ndarray | None = None,
 ) -> list[SearchHit]:
     """The k most similar database items to one query, best first (fewer if the database is smaller).
 
     ``query_class`` is the model's predicted class for the query (needed by ``"hierarchical"``,
     ignored otherwise); ``query_fc`` is needed by ``"rerank"`` and ``"hierarchical"``.
     ``exclude_patient`` drops every item of that patient (a query from a database patient must
-    not find its own nodule); ``exclude_rows`` drops given rows.
+    not find its own nodule); ``exclude_rows`` drops given rows. ``query_ratings``: the model's
+    predicted ratings of the query (45 values); the hierarchical mode re-ranks by them where the
+    library holds reader ratings.
     """
     # at most the library: no k asked for costs more work or memory than the whole library
     k = min(_check_args(k, mode, pool_factor), max(1, len(index)))
@@ -803,12 +865,12 @@ def search(
     qwords = _query_words(index, np.asarray(query_code_packed).reshape(1, -1))
     fc32 = None if mode == "hamming" else [_query_fc(index, query_fc)]
     excluded = [_excluded_rows(index, exclude_patient, exclude_rows)]
-    rows_k, ham_k, eu_k, counts, fallbacks = _search_many(
-        index, qwords, fc32, [query_class], k, mode, pool_factor, excluded
-    )
-    count, fallback = int(counts[0]), bool(fallbacks[0])
-    rows, ham = rows_k[0, :count], ham_k[0, :count]
-    eu = None if eu_k is None else eu_k[0, :count]
+    ratings = _rating_query(index, query_ratings, mode, 1)
+    ranked = _search_many(index, qwords, fc32, [query_class], k, mode, pool_factor, excluded, ratings)
+    count, fallback = int(ranked.counts[0]), bool(ranked.fallback[0])
+    rows, ham = ranked.rows[0, :count], ranked.hamming[0, :count]
+    eu = None if ranked.euclidean is None else ranked.euclidean[0, :count]
+    rated = None if ranked.rating_distance is None else ranked.rating_distance[0, :count]
     if fallback:
         log.warning(
             "no item of class %s is searchable in index %s: searched the whole database",
@@ -835,6 +897,7 @@ def search(
             euclidean=None if eu is None else float(eu[i]),
             index_version=index.index_version,
             class_fallback=fallback,
+            rating_distance=None if rated is None or np.isnan(rated[i]) else float(rated[i]),
         )
         for i in range(len(rows))
     ]
@@ -849,8 +912,10 @@ def search_batch(
     mode: Mode = "hierarchical",
     pool_factor: float = 2,
     exclude_patients: Sequence[str | None] | None = None,
+    query_ratings: np.ndarray | None = None,
 ) -> BatchResult:
-    """:func:`search` for q queries (packed codes (q, B), fc (q, d), predicted classes (q,)).
+    """:func:`search` for q queries (packed codes (q, B), fc (q, d), predicted classes (q,),
+    predicted ratings (q, 45) or None).
 
     Returns row indices and distances as arrays padded to k, the shape evaluation metrics want.
     All queries share one pass over the codes, block by block while a block is in cache.
@@ -872,6 +937,7 @@ def search_batch(
     excluded = [
         _excluded_rows(index, None if exclude_patients is None else exclude_patients[i], None) for i in range(nq)
     ]
-    rows, ham, eu, _, fallback = _search_many(index, qwords, fc32, classes, k, mode, pool_factor, excluded)
-    eu_out = np.full((nq, k), np.nan, dtype=np.float32) if eu is None else eu
-    return BatchResult(rows[:, :k], ham[:, :k].astype(np.int32), eu_out, fallback)
+    ratings = _rating_query(index, query_ratings, mode, nq)
+    ranked = _search_many(index, qwords, fc32, classes, k, mode, pool_factor, excluded, ratings)
+    eu = np.full((nq, k), np.nan, dtype=np.float32) if ranked.euclidean is None else ranked.euclidean
+    return BatchResult(ranked.rows, ranked.hamming.astype(np.int32), eu, ranked.fallback, ranked.rating_distance)

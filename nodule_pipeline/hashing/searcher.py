@@ -314,6 +314,7 @@ class NoduleSearcher:
             k=self._rows_to_ask(k, unit),
             mode=mode,
             exclude_patient=exclude_patient,
+            query_ratings=None if encoded.ratings is None else encoded.ratings[0],
         )
         if unit == "nodule":
             hits = fold_hits(hits, self.nodule_of_row, k)
@@ -395,6 +396,7 @@ class NoduleSearcher:
             k=self._rows_to_ask(k, unit),
             mode=mode,
             exclude_patients=exclude_patients,
+            query_ratings=encoded.ratings,
         )
         return encoded, fold_batch(result, self.nodule_of_row, k) if unit == "nodule" else result
 

@@ -188,7 +188,13 @@ def hit_json(searcher: NoduleSearcher, hit: SearchHit, unit: str) -> dict[str, A
     """A hit: the search-result contract, then the matched annotation's ratings and picture; a
     nodule hit also lists each of the nodule's reader annotations (``matched`` names the one
     whose distances these are)."""
-    answer = {**item_json(searcher, hit.row), **hit.to_json(), "unit": unit, "class_fallback": hit.class_fallback}
+    answer = {
+        **item_json(searcher, hit.row),
+        **hit.to_json(),
+        "rating_distance": hit.rating_distance,
+        "unit": unit,
+        "class_fallback": hit.class_fallback,
+    }
     if unit == "nodule":
         readers = []
         for row in searcher.nodule_rows(hit.nodule_id):

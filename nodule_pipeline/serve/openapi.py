@@ -89,6 +89,11 @@ HIT = {
                 "rank": {"type": "integer", "minimum": 1},
                 "hamming": {"type": "integer"},
                 "euclidean": {"type": ["number", "null"], "description": "null in hamming mode"},
+                "rating_distance": {
+                    "type": ["number", "null"],
+                    "description": "hierarchical mode: how far (0..1) the readers' ratings of the hit are expected to "
+                    "be from the query's, as the model predicts them; the order of the hits. Null where not used",
+                },
                 "index_version": {"type": "string"},
                 "class_fallback": {
                     "type": "boolean",

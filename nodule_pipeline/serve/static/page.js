@@ -203,6 +203,8 @@ function hitCard(hit) {
       ...(hit.readers ? [["readers", readerRatings(hit.readers)]] : []),
       ["Hamming", String(hit.hamming)],
       ["Euclidean", number(hit.euclidean, 3)],
+      ...(hit.rating_distance !== null && hit.rating_distance !== undefined
+        ? [["rating distance", number(hit.rating_distance, 3)]] : []),
     ]),
     ratings,
   );
