@@ -178,7 +178,7 @@ def test_the_hierarchical_search_ranks_its_pool_by_expected_rating_distance() ->
     index = _rated_index(ratings)
     wanted = 6
     query = encode_ratings(ratings[wanted : wanted + 1])[0]
-    code, fc = np.zeros(16, dtype=bool), np.zeros(4, dtype=np.float32)
+    code, fc = np.zeros(16, dtype=bool), np.full(4, -1, dtype=np.float32)  # no item's own image
     hits = search(index, code, fc, 0, k=3, query_ratings=query)
     assert hits[0].nodule_id == f"N{wanted}" and hits[0].rating_distance == pytest.approx(0.0)
     distances = rating_distances(query[None], encode_ratings(ratings[:8]))[0]
@@ -197,6 +197,10 @@ def test_the_hierarchical_search_ranks_its_pool_by_expected_rating_distance() ->
     partly[:4] = np.nan
     order = [h.nodule_id for h in search(_rated_index(partly), code, fc, 0, k=8, query_ratings=query)]
     assert order[4:] == ["N0", "N1", "N2", "N3"]
+
+    # the query's own image (same code, same features) stays first, then the rating order
+    own = search(index, code, np.full(4, 3, np.float32), 0, k=2, query_ratings=query)
+    assert [h.nodule_id for h in own] == ["N3", f"N{wanted}"]
 
     # the batch search agrees, and folding keeps the distances
     batch = search_batch(index, code[None], fc[None], [0], k=3, query_ratings=query[None])
@@ -219,7 +223,7 @@ def test_the_rating_pool_is_wider_than_the_euclidean_one() -> None:
     items = pd.DataFrame({"patient_id": [f"P{i}" for i in range(n)], "nodule_id": [f"N{i:02d}" for i in range(n)]})
     items = items.assign(**{name: ratings[:, j] for j, name in enumerate(RATING_NAMES)})
     index = build_index(codes, np.zeros((n, 4), np.float32), np.zeros(n, int), items, "m")
-    code, fc = np.zeros(16, bool), np.zeros(4, np.float32)
+    code, fc = np.zeros(16, bool), np.ones(4, np.float32)  # N00 has the same code, not the same image
     tenth, eleventh = RATING_POOL_FACTOR - 1, RATING_POOL_FACTOR
     hits = search(index, code, fc, 0, k=1, query_ratings=encode_ratings(ratings[tenth : tenth + 1])[0])
     assert hits[0].nodule_id == f"N{tenth:02d}" and hits[0].hamming == tenth

@@ -97,6 +97,25 @@ def upload(server: SearchServer, path: str, name: str, content: bytes, **params:
     return status, json.loads(body)
 
 
+def test_the_hierarchical_hits_follow_the_ratings_the_model_predicts_for_the_query(
+    search_page: SearchServer, searcher: NoduleSearcher
+) -> None:
+    """The library holds the readers' ratings and the model learnt them (the default recipe):
+    the query shows the predicted ratings, the hits carry and follow their rating distance."""
+    assert searcher.model.network.rating_outputs == 45
+    status, answer = search_page.post_json("/api/search", {"nodule_id": QUERY, "k": 4})
+    assert status == 200
+    predicted = answer["query"]["predicted_characteristics"]
+    assert set(predicted) == set(CHARACTERISTICS) and all(isinstance(value, int) for value in predicted.values())
+    distances = [hit["rating_distance"] for hit in answer["hits"]]
+    assert distances and all(0 <= d <= 1 for d in distances) and distances == sorted(distances)
+    expected = searcher.search_nodule(QUERY, k=4)
+    assert predicted == expected.predicted_ratings
+    assert distances == pytest.approx([hit.rating_distance for hit in expected.hits])
+    status, flat = search_page.post_json("/api/search", {"nodule_id": QUERY, "k": 4, "mode": "rerank"})
+    assert all(hit["rating_distance"] is None for hit in flat["hits"])  # the ablation keeps fc distance
+
+
 def test_search_by_image_and_by_file_answer_as_the_cli(
     search_page: SearchServer, searcher: NoduleSearcher, served_library: Path, tmp_path: Path, capsys
 ) -> None:

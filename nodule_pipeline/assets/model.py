@@ -26,6 +26,7 @@ from nodule_pipeline.hashing.network import NetworkConfig
 from nodule_pipeline.hashing.training import (
     EpochStats,
     TrainConfig,
+    TrainedModel,
     classification_metrics,
     encode,
     fit_to_data,
@@ -37,9 +38,10 @@ from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, roi_images, spl
 
 class TrainingConfig(Config):
     """``recipe``: ``default`` (chosen on real LIDC nodules: cross-entropy plus the DPSH pairwise,
-    quantization, bit-balance and decorrelation terms, augmentation, a one-cycle schedule,
-    validation patients carved out of the training split for model selection and early
-    stopping) or ``paper`` (cross-entropy only, as Hao et al. trained). Every other field left
+    quantization, bit-balance and decorrelation terms, a head predicting the readers' ratings and
+    the pairwise term on their graded similarity where the table has them, augmentation, a
+    one-cycle schedule, validation patients carved out of the training split for model selection
+    and early stopping) or ``paper`` (cross-entropy only, as Hao et al. trained). Every other field left
     empty takes the recipe's value; see ``nodule_pipeline.hashing.training.TrainConfig``.
     ``accuracy_floor``: the least test-split accuracy a model needs to reach the index (a
     blocking check; 0 turns the gate off, for data sets too small to measure)."""
@@ -59,6 +61,8 @@ class TrainingConfig(Config):
     quantization_weight: float | None = None
     balance_weight: float | None = None
     decorrelation_weight: float | None = None
+    ratings_weight: float | None = None
+    graded_pairwise: bool | None = None
     validation_fraction: float | None = None
     early_stopping_patience: int | None = None
     num_threads: int | None = None
@@ -88,6 +92,16 @@ class TrainingConfig(Config):
             **{name: getattr(trained, name) for name in self.recipe_fields()},
             "lstm_hidden": network.lstm_hidden,
         }
+
+
+def ratings_note(model: TrainedModel) -> str:
+    """Whether the model learnt the readers' ratings (and so re-ranks by them), in words."""
+    if model.network.rating_outputs:
+        graded = ", the pairwise term on their graded similarity" if model.config.graded_pairwise else ""
+        return f"learnt: a head predicts the nine ratings{graded}; the hierarchical search re-ranks by them"
+    if model.config.ratings_weight:
+        return "none in the table: trained on the labels alone; the search re-ranks by fc distance"
+    return "not used by the recipe; the search re-ranks by fc distance"
 
 
 SIGNIFICANT_DIGITS = 4
@@ -192,7 +206,7 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
         "test_metrics": metrics,
         "measured": bool(metrics),
         "code_health": health,
-        "network": network.to_dict(),
+        "network": model.network.to_dict(),
         "training": model.used_config.to_dict(),
         "validation": model.validation,
         "validation_patients": model.validation_patients,
@@ -223,6 +237,7 @@ def hash_model(context: AssetExecutionContext, config: TrainingConfig, roi_datas
                     "model_size_mb": size_mb,
                     "selected_epoch": model.selected_epoch,
                     "validation": model.validation,
+                    "readers_ratings": ratings_note(model),
                     "measured": bool(metrics),
                     **({"small_data": small_data} if small_data else {}),
                     **{f"codes_{name}": value for name, value in health.items() if value is not None},

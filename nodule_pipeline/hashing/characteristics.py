@@ -150,3 +150,13 @@ def rating_loss(logits: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
             total = total - (target[present].float() * log_probs).sum()
             count += int(present.sum())
     return total / max(count, 1)
+
+
+def most_likely(predicted: np.ndarray) -> dict[str, int]:
+    """A query's predicted blocks (45 values) as the rating the readers most likely gave, on each
+    rating's own scale ({"subtlety": 4, ...}): what the page shows beside the query."""
+    predicted = np.asarray(predicted, dtype=np.float32).reshape(ENCODED_WIDTH)
+    return {
+        name: int(LIDC_SCALES[name].low) + int(np.argmax(predicted[start : start + levels]))
+        for name, start, levels in BLOCKS
+    }

@@ -12,7 +12,8 @@ Three modes, so the report can show what each stage adds (DESIGN section 3.3):
   characteristic columns) and the query comes with the model's predicted ratings, the pool is
   :data:`RATING_POOL_FACTOR` x k and re-ranked by expected rating distance
   (:mod:`~nodule_pipeline.hashing.characteristics`), Euclidean distance settling ties: the order
-  follows how readers describe nodules, which the graded nDCG measures.
+  follows how readers describe nodules, which the graded nDCG measures. A library item of the
+  query's very image (the same code, features equal up to float16 storage) still comes first.
 
 Results never depend on database row order (DESIGN section 6): a candidate pool holds every item
 tied at its boundary distance (so "the 2k nearest" may be more than 2k items), and final ties go
@@ -658,13 +659,14 @@ def _query_fc(index: HashIndex, query_fc: np.ndarray | None) -> np.ndarray:
     return fc32
 
 
-def fc_rounding_bound(stored_fc: np.ndarray) -> float:
+def fc_rounding_bound(stored_fc: np.ndarray) -> float | np.ndarray:
     """The largest Euclidean distance that float16 storage alone puts between a library item and
     a query cut from the same image: the query is encoded alone, the library in batches (another
     summation order), so features equal to float32 precision may round to neighbouring float16
-    values, at most one float16 step per feature."""
+    values, at most one float16 step per feature. One bound per row for a (rows, d) array."""
     steps = np.spacing(np.abs(np.asarray(stored_fc, dtype=np.float16))).astype(np.float64)
-    return float(np.sqrt(np.sum(steps**2)))
+    bounds = np.sqrt(np.sum(steps**2, axis=-1))
+    return float(bounds) if bounds.ndim == 0 else bounds
 
 
 def _euclidean(index: HashIndex, rows: np.ndarray, query_fc32: np.ndarray) -> np.ndarray:
@@ -781,9 +783,10 @@ def _search_many(
             eu = _euclidean(index, pool, query_fc32[i])  # type: ignore[index]
             if library_ratings is None:
                 order = np.lexsort((keys[pool], eu))[:k]
-            else:  # items without ratings (NaN) after every rated one, in Euclidean order
+            else:  # the query's own image first; items without ratings after every rated one
                 rated = rating_distances(query_ratings[i : i + 1], library_ratings[pool])[0]
-                order = np.lexsort((keys[pool], eu, np.nan_to_num(rated, nan=np.inf)))[:k]
+                itself = (ham == 0) & (eu <= fc_rounding_bound(index.fc[pool]))
+                order = np.lexsort((keys[pool], eu, np.nan_to_num(rated, nan=np.inf), ~itself))[:k]
                 out_ratings[i, : len(order)] = rated[order]  # type: ignore[index]
             out_eu[i, : len(order)] = eu[order]
         out_rows[i, : len(order)] = pool[order]

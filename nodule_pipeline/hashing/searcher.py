@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from nodule_pipeline import privacy
 from nodule_pipeline.errors import InputDataError
+from nodule_pipeline.hashing.characteristics import most_likely
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
 from nodule_pipeline.hashing.query_checks import QueryWarning, distance_warnings, image_warnings, outside_lungs_warning
 from nodule_pipeline.hashing.search import (
@@ -70,24 +71,31 @@ class SearchResponse:
     unit: str = "nodule"
     warnings: list[QueryWarning] = field(default_factory=list)
     """Why the query may be no nodule (air, not HU, unlike the whole library); empty when all is well."""
+    predicted_ratings: dict[str, int] | None = None
+    """The ratings the readers most likely gave the query, as the model predicts them (None for
+    a model without a rating head): what the hierarchical search ordered the hits by."""
 
     def as_text(self, index_version: str, diagnoses: dict[str, dict[str, str] | None] | None = None) -> str:
         """The results as a small table for a terminal: the readers' label and rating (suspicion),
         and the confirmed diagnosis where TCIA's sheet gives one."""
         verdict = "malignant" if self.predicted_class else "benign"
-        lines = [
-            f"query predicted {verdict} (p malignant {self.malignant_probability:.2f}); index {index_version}",
+        lines = [f"query predicted {verdict} (p malignant {self.malignant_probability:.2f}); index {index_version}"]
+        if self.predicted_ratings:
+            rated = ", ".join(f"{name} {value}" for name, value in self.predicted_ratings.items())
+            lines.append(f"readers would likely rate it: {rated}")
+        lines.append(
             f"{'rank':>4}  {'patient':<16} {'nodule':<22} {'readers':<9} {'malig.':>6} {'hamming':>7} {'euclid.':>8}"
-            "  confirmed",
-        ]
+            f" {'ratings':>7}  confirmed"
+        )
         for hit in self.hits:
             malignancy = f"{hit.malignancy:g}" if hit.malignancy is not None else "-"
             euclidean = f"{hit.euclidean:.3f}" if hit.euclidean is not None else "-"
+            rating_gap = f"{hit.rating_distance:.3f}" if hit.rating_distance is not None else "-"
             label = "malignant" if hit.label else "benign"
             confirmed = (diagnoses or {}).get(hit.nodule_id)
             lines.append(
                 f"{hit.rank:>4}  {hit.patient_id:<16} {hit.nodule_id:<22} {label:<9} {malignancy:>6} "
-                f"{hit.hamming:>7} {euclidean:>8}  {confirmed_text(confirmed)}"
+                f"{hit.hamming:>7} {euclidean:>8} {rating_gap:>7}  {confirmed_text(confirmed)}"
             )
         return "\n".join(lines)
 
@@ -319,7 +327,8 @@ class NoduleSearcher:
         if unit == "nodule":
             hits = fold_hits(hits, self.nodule_of_row, k)
         warnings = image_warnings(roi) + distance_warnings(self.index, encoded.codes[0], encoded.fc[0], exclude_patient)
-        return SearchResponse(roi, predicted, float(encoded.probs[0, 1]), hits, unit, warnings)
+        ratings = None if encoded.ratings is None else most_likely(encoded.ratings[0])
+        return SearchResponse(roi, predicted, float(encoded.probs[0, 1]), hits, unit, warnings, ratings)
 
     def nodule_rows(self, nodule_id: str) -> np.ndarray:
         """The index rows of a library nodule (one per reader annotation), by annotation id where

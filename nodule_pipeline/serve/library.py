@@ -217,6 +217,7 @@ def response_json(searcher: NoduleSearcher, response: SearchResponse, query: dic
             **query,
             "predicted_label": response.predicted_class,
             "malignant_probability": response.malignant_probability,
+            "predicted_characteristics": response.predicted_ratings,
             "picture": f"data:image/png;base64,{picture}",
         },
         "warnings": [warning.to_json() for warning in response.warnings],

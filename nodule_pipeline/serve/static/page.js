@@ -226,6 +226,14 @@ function render(answer) {
       ...(query.kind === "nodule" ? [["readers' label", LABELS[query.label]], ["patient", query.patient_id]] : []),
     ]),
   );
+  if (query.predicted_characteristics) {
+    const predictedRatings = element("details", "predicted");
+    predictedRatings.append(
+      element("summary", "", "characteristics, as the model predicts the readers would rate them"),
+      ratingList(query.predicted_characteristics),
+    );
+    caption.append(predictedRatings);
+  }
   figure.className = `card query ${predicted}`;
   $("hits").replaceChildren(...answer.hits.map(hitCard));
   $("fallback").hidden = !answer.class_fallback;
