@@ -785,7 +785,8 @@ def _search_many(
                 order = np.lexsort((keys[pool], eu))[:k]
             else:  # the query's own image first; items without ratings after every rated one
                 rated = rating_distances(query_ratings[i : i + 1], library_ratings[pool])[0]
-                itself = (ham == 0) & (eu <= fc_rounding_bound(index.fc[pool]))
+                itself = ham == 0  # the bound only where the code is the query's: a few rows, not the pool
+                itself[itself] = eu[itself] <= fc_rounding_bound(index.fc[pool[itself]])
                 order = np.lexsort((keys[pool], eu, np.nan_to_num(rated, nan=np.inf), ~itself))[:k]
                 out_ratings[i, : len(order)] = rated[order]  # type: ignore[index]
             out_eu[i, : len(order)] = eu[order]
