@@ -198,9 +198,13 @@ def test_the_hierarchical_search_ranks_its_pool_by_expected_rating_distance() ->
     order = [h.nodule_id for h in search(_rated_index(partly), code, fc, 0, k=8, query_ratings=query)]
     assert order[4:] == ["N0", "N1", "N2", "N3"]
 
-    # the query's own image (same code, same features) stays first, then the rating order
-    own = search(index, code, np.full(4, 3, np.float32), 0, k=2, query_ratings=query)
-    assert [h.nodule_id for h in own] == ["N3", f"N{wanted}"]
+    # the query's own nodule (same code, features far closer than the pool's) stays first, cut
+    # exactly or a little off; a merely nearer item does not
+    for near in (3.0, 3.05):
+        own = search(index, code, np.full(4, near, np.float32), 0, k=2, query_ratings=query)
+        assert [h.nodule_id for h in own] == ["N3", f"N{wanted}"], near
+    nearer = search(index, code, np.full(4, 3.5, np.float32), 0, k=1, query_ratings=query)
+    assert nearer[0].nodule_id == f"N{wanted}"
 
     # the batch search agrees, and folding keeps the distances
     batch = search_batch(index, code[None], fc[None], [0], k=3, query_ratings=query[None])

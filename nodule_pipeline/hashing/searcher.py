@@ -79,14 +79,11 @@ class SearchResponse:
         """The results as a small table for a terminal: the readers' label and rating (suspicion),
         and the confirmed diagnosis where TCIA's sheet gives one."""
         verdict = "malignant" if self.predicted_class else "benign"
-        lines = [f"query predicted {verdict} (p malignant {self.malignant_probability:.2f}); index {index_version}"]
-        if self.predicted_ratings:
-            rated = ", ".join(f"{name} {value}" for name, value in self.predicted_ratings.items())
-            lines.append(f"readers would likely rate it: {rated}")
-        lines.append(
+        lines = [
+            f"query predicted {verdict} (p malignant {self.malignant_probability:.2f}); index {index_version}",
             f"{'rank':>4}  {'patient':<16} {'nodule':<22} {'readers':<9} {'malig.':>6} {'hamming':>7} {'euclid.':>8}"
-            f" {'ratings':>7}  confirmed"
-        )
+            f" {'ratings':>7}  confirmed",
+        ]
         for hit in self.hits:
             malignancy = f"{hit.malignancy:g}" if hit.malignancy is not None else "-"
             euclidean = f"{hit.euclidean:.3f}" if hit.euclidean is not None else "-"
@@ -97,6 +94,9 @@ class SearchResponse:
                 f"{hit.rank:>4}  {hit.patient_id:<16} {hit.nodule_id:<22} {label:<9} {malignancy:>6} "
                 f"{hit.hamming:>7} {euclidean:>8} {rating_gap:>7}  {confirmed_text(confirmed)}"
             )
+        if self.predicted_ratings:  # after the table, which keeps its place for scripts that read it
+            rated = ", ".join(f"{name} {value}" for name, value in self.predicted_ratings.items())
+            lines.append(f"readers would likely rate the query: {rated}")
         return "\n".join(lines)
 
 
