@@ -1,9 +1,10 @@
-"""Which patient folders under a scan root are new, complete and changed (no Dagster here).
+"""Which patients of a scan source are new, complete and changed (no Dagster here).
 
-A folder counts as complete when it holds a completion marker (``.complete``, written last by
-whatever delivers it) or when its file count, total size and newest modification time stayed
-the same for ``settle_seconds``. Completed folders are identified by a content fingerprint, so
-delivering the same files again (even with new modification times) is recognised as known.
+A patient counts as complete when its delivery marked it so (a folder's ``.complete``, written
+last by whatever delivers it) or when its signature stayed the same for ``settle_seconds``: a
+folder's file count, total size and newest modification time, a PACS patient's studies and their
+instance counts. Completed patients are identified by a content fingerprint, so delivering the
+same files again (even with new modification times) is recognised as known.
 """
 
 from __future__ import annotations
@@ -58,45 +59,59 @@ class ArrivalState:
 
 
 @dataclass(frozen=True)
+class Watched:
+    """A patient as the watcher sees it: a cheap signature, whether its delivery marked it
+    complete, and how to fingerprint its content (called only once it is complete)."""
+
+    signature: str
+    marked_complete: bool
+    fingerprint: Callable[[], str]
+
+
+def watch_folder(folder: Path) -> Watched:
+    return Watched(folder_signature(folder), (folder / COMPLETE_MARKER).is_file(), lambda: content_fingerprint(folder))
+
+
+@dataclass(frozen=True)
 class Arrival:
-    """A complete patient folder whose content differs from the last one seen."""
+    """A complete patient whose content differs from the last one seen."""
 
     patient_id: str
     fingerprint: str
 
 
 def find_arrivals(
-    folders: dict[str, Path],
+    watched: dict[str, Watched],
     state: ArrivalState,
     settle_seconds: float,
     known_fingerprint: Callable[[str], str | None],
     now: float | None = None,
     budget_seconds: float = 20.0,
 ) -> list[Arrival]:
-    """Look at each patient folder (``folders``: partition key -> folder) once and return those
-    that are complete and new or changed.
+    """Look at each patient (``watched``: partition key -> what the watcher sees) once and return
+    those that are complete and new or changed.
 
     ``known_fingerprint(patient)`` gives the fingerprint already ingested (None if never), so a
-    folder that was ingested some other way (the command line) is not ingested again.
+    patient that was ingested some other way (the command line) is not ingested again.
     ``state`` is updated in place. Fingerprinting stops after ``budget_seconds``; the rest
     waits for the next look.
     """
     now = time.time() if now is None else now
     started = time.monotonic()
     arrivals = []
-    for patient_id, folder in sorted(folders.items()):
-        signature = folder_signature(folder)
+    for patient_id, patient in sorted(watched.items()):
+        signature = patient.signature
         if state.seen.get(patient_id, {}).get("signature") == signature:
             continue
         pending = state.pending.get(patient_id)
         settled = pending is not None and pending["signature"] == signature and now - pending["since"] >= settle_seconds
-        if not (folder / COMPLETE_MARKER).is_file() and not settled:
+        if not patient.marked_complete and not settled:
             if pending is None or pending["signature"] != signature:
                 state.pending[patient_id] = {"signature": signature, "since": now}
             continue
         if time.monotonic() - started > budget_seconds:
             break
-        fingerprint = content_fingerprint(folder)
+        fingerprint = patient.fingerprint()
         state.pending.pop(patient_id, None)
         previous = state.seen.get(patient_id, {}).get("fingerprint") or known_fingerprint(patient_id)
         state.seen[patient_id] = {"signature": signature, "fingerprint": fingerprint}

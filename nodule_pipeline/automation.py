@@ -1,8 +1,8 @@
 """What runs by itself: the new-scan sensor, the library refresh and the weekly retrain.
 
-- ``new_scans`` watches the scan root; a complete new (or changed) patient folder becomes a
-  ``patients`` partition and an ``ingest_patient`` run, keyed by its content fingerprint so a
-  second delivery of the same files is a no-op.
+- ``new_scans`` watches the scan source (the scan root, or a PACS's studies over QIDO-RS); a
+  complete new (or changed) patient becomes a ``patients`` partition and an ``ingest_patient``
+  run, keyed by its content fingerprint so a second delivery of the same files is a no-op.
 - ``library_refresh`` evaluates the automation conditions of ``roi_dataset`` and ``hash_index``
   (see ``assets/refresh.py``): new ROIs are split (new patients to the database side) and
   encoded with the current model, no retraining; ``nodule_diagnosis`` matches the new nodules
@@ -46,7 +46,8 @@ DEFAULT_STUDY_CRON = "0 3 1 * *"  # the first of the month, 03:00
 
 
 def settle_seconds() -> float:
-    """How long a folder without a ``.complete`` marker must stay unchanged to count as complete."""
+    """How long a patient (a folder without a ``.complete`` marker, a PACS patient's studies and
+    their instance counts) must stay unchanged to count as complete."""
     return float(os.environ.get(SETTLE_SECONDS_ENV, DEFAULT_SETTLE_SECONDS))
 
 
@@ -54,21 +55,20 @@ def settle_seconds() -> float:
     job=ingest_patient_job,
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
-    description="New or changed complete patient folders under the scan root become partitions and ingestion runs.",
+    description="New or changed complete patients of the scan source (folders under the scan root, or "
+    "studies in a PACS) become partitions and ingestion runs.",
 )
 def new_scans(context: SensorEvaluationContext, scan_source: ScanSource):
-    try:
-        folders = scan_source.patient_folders()
+    state = ArrivalState.from_dict(json.loads(context.cursor) if context.cursor else None)
+    try:  # a PACS that is down or answers an error: skip with the reason, look again next time
+        watched = scan_source.watch()
+        arrivals = find_arrivals(watched, state, settle_seconds(), lambda p: ingested_fingerprint(context.instance, p))
     except InputDataError as error:
         return SkipReason(str(error))
-    state = ArrivalState.from_dict(json.loads(context.cursor) if context.cursor else None)
-    arrivals = find_arrivals(folders, state, settle_seconds(), lambda p: ingested_fingerprint(context.instance, p))
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
     new = sorted({a.patient_id for a in arrivals} - known)
     if arrivals:
-        context.log.info(
-            f"{len(arrivals)} patient folder(s) to ingest ({len(new)} new): {[a.patient_id for a in arrivals]}"
-        )
+        context.log.info(f"{len(arrivals)} patient(s) to ingest ({len(new)} new): {[a.patient_id for a in arrivals]}")
     return SensorResult(
         run_requests=[
             RunRequest(run_key=f"{a.patient_id}:{a.fingerprint}", partition_key=a.patient_id, tags=INGEST)
@@ -76,7 +76,7 @@ def new_scans(context: SensorEvaluationContext, scan_source: ScanSource):
         ],
         dynamic_partitions_requests=[patients_partitions.build_add_request(new)] if new else [],
         cursor=json.dumps(state.to_dict()),
-        skip_reason=None if arrivals else f"nothing new; {len(state.pending)} folder(s) settling",
+        skip_reason=None if arrivals else f"nothing new; {len(state.pending)} patient(s) settling",
     )
 
 

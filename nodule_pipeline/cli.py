@@ -117,8 +117,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("accuracy_floor", args.accuracy_floor),
     )
     training = {key: value for key, value in options if value is not None}
+    if args.dicomweb and not args.annotations:
+        print(
+            "error: --dicomweb needs --annotations DIR (the LIDC XML readings, matched by SeriesInstanceUID)",
+            file=sys.stderr,
+        )
+        return 2
     summary = run_pipeline(
-        Path(args.lidc_root),
+        Path(args.lidc_root) if args.lidc_root else None,
         data_dir,
         args.patients,
         progress=lambda line: print(line, flush=True),
@@ -126,6 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         report=args.report,
         rerun=args.rerun_all,
         diagnosis_sheet=Path(args.diagnosis) if args.diagnosis else None,
+        dicomweb_url=args.dicomweb,
+        annotations_dir=Path(args.annotations) if args.annotations else None,
     )
     _print_summary(summary, data_dir)
     return 1 if summary.failed or summary.library_ok is False else 0
@@ -174,16 +182,32 @@ def cmd_search(args: argparse.Namespace) -> int:
     from nodule_pipeline.pictures import hit_caption, search_results
 
     positions = (args.at, args.at_mm)
-    given = [args.roi is not None, args.nodule is not None, args.dicom is not None or positions != (None, None)]
-    if sum(given) > 1:
-        raise InputDataError("give one query, not both: --roi FILE, --nodule ID or --dicom DIR with a position")
-    if not (given[0] or given[1]) and (args.dicom is None or positions == (None, None)):
-        raise InputDataError("give --roi FILE, or --dicom DIR with --at I,J,K or --at-mm X,Y,Z, or --nodule ID")
+    series_given = args.dicom is not None or args.dicomweb is not None
+    given = [args.roi is not None, args.nodule is not None, series_given or positions != (None, None)]
+    if sum(given) > 1 or (args.dicom is not None and args.dicomweb is not None):
+        raise InputDataError(
+            "give one query, not both: --roi FILE, --nodule ID, --dicom DIR or --dicomweb URL with a position"
+        )
+    if not (given[0] or given[1]) and (not series_given or positions == (None, None)):
+        raise InputDataError(
+            "give --roi FILE, or --dicom DIR (or --dicomweb URL --study UID --series UID) with --at I,J,K or "
+            "--at-mm X,Y,Z, or --nodule ID"
+        )
+    if args.dicomweb is not None and not (args.study and args.series):
+        raise InputDataError("--dicomweb needs --study UID and --series UID: the series to search from")
     if args.nodule is not None and args.exclude_patient is not None:
         raise InputDataError("--nodule leaves out the nodule's own patient; --exclude-patient does not apply")
     query = load_query_roi(Path(args.roi)) if args.roi is not None else None
     voxel = _triple(args.at, "--at") if args.at is not None else None
     position = _triple(args.at_mm, "--at-mm") if args.at_mm is not None else None
+    series_dir = Path(args.dicom) if args.dicom is not None else None
+    if args.dicomweb is not None:  # fetched before the library loads: a PACS fault fails at once
+        import tempfile
+
+        from nodule_pipeline.lidc.dicomweb import Pacs, fetch_query_series
+
+        scratch = tempfile.TemporaryDirectory(prefix="nodule-query-")  # removed at exit, whatever happens
+        series_dir = fetch_query_series(Pacs(args.dicomweb), args.study, args.series, Path(scratch.name))
     searcher = NoduleSearcher.from_data_dir(Path(args.data_dir))
     unit = "annotation" if args.per_annotation else "nodule"
     options = {"k": args.k, "mode": args.mode, "exclude_patient": args.exclude_patient, "unit": unit}
@@ -192,7 +216,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     elif args.nodule is not None:
         response = searcher.search_nodule(args.nodule, k=args.k, mode=args.mode, unit=unit)
     else:
-        response = searcher.search_dicom(Path(args.dicom), voxel=voxel, position_mm=position, **options)
+        response = searcher.search_dicom(series_dir, voxel=voxel, position_mm=position, **options)
     hits = response.hits
     if args.picture:  # first, so that an unwritable picture fails before anything is printed
         rois = searcher.index.rois
@@ -347,6 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from nodule_pipeline.resources import scan_source_for
     from nodule_pipeline.serve.app import create_app
     from nodule_pipeline.serve.audit import AuditLog
     from nodule_pipeline.serve.security import TOKEN_ENV, Access, is_loopback, read_token
@@ -358,15 +383,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"token: set ${TOKEN_ENV} or --token-file, or serve on 127.0.0.1"
         )
     data_dir = Path(args.data_dir).resolve()
+    dicomweb_url = args.dicomweb or scan_source_for(data_dir).dicomweb_url or None
     access = Access.for_server(token, args.host, args.allowed_host)
     audit = AuditLog(data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signing = "a token is needed" if token else "no token: this computer only"
-    print(f"search page: http://{args.host}:{args.port}/  (API: /openapi.json; {signing}; audit {audit.path})")
+    pacs = f"; PACS {dicomweb_url}" if dicomweb_url else ""
+    print(f"search page: http://{args.host}:{args.port}/  (API: /openapi.json; {signing}; audit {audit.path}{pacs})")
     sys.stdout.flush()
     try:
         uvicorn.run(
-            create_app(data_dir, dagster_url=args.dagster_url, access=access, audit=audit),
+            create_app(data_dir, dagster_url=args.dagster_url, access=access, audit=audit, dicomweb_url=dicomweb_url),
             host=args.host,
             port=args.port,
             log_level="info",
@@ -420,15 +447,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--seed", type=int, default=0)
     demo_data.set_defaults(func=cmd_demo_data)
 
-    run = commands.add_parser("run", help="materialize the chain for the patients under a scan root")
-    run.add_argument("--lidc-root", required=True, help="scan root in TCIA layout")
+    run = commands.add_parser("run", help="materialize the chain for the patients under a scan root or in a PACS")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--lidc-root", help="scan root in TCIA layout")
+    source.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="a PACS's DICOMweb root (QIDO-RS, WADO-RS): every CT study it holds, grouped by PatientID; "
+        "credentials from NODULE_PIPELINE_DICOMWEB_TOKEN or _USER/_PASSWORD, CA bundle from _CA_BUNDLE",
+    )
+    run.add_argument("--annotations", metavar="DIR", help="with --dicomweb: the LIDC XML readings (any layout)")
     run.add_argument("--data-dir", default="data", help="instance and artefacts (default %(default)s)")
     run.add_argument("--patients", nargs="+", help="only these patient ids")
     run.add_argument(
         "--diagnosis",
         metavar="FILE",
         help="TCIA's diagnosis spreadsheet (.xls), to show what nodules really were "
-        "(default: *diagnosis*.xls at the scan root, if any)",
+        "(default: *diagnosis*.xls at the scan root or in --annotations, if any)",
     )
     add_run_options(run)
     run.set_defaults(func=cmd_run)
@@ -449,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--roi", help="query ROI: 32x32 .npy in HU, or a lung-window .png")
     search.add_argument("--nodule", help="query a library nodule by id (its own patient left out)")
     search.add_argument("--dicom", help="query DICOM series folder")
+    search.add_argument(
+        "--dicomweb", metavar="URL", help="query a CT series in a PACS (DICOMweb root; with --study and --series)"
+    )
+    search.add_argument("--study", metavar="UID", help="with --dicomweb: the StudyInstanceUID")
+    search.add_argument("--series", metavar="UID", help="with --dicomweb: the SeriesInstanceUID")
     search.add_argument("--at", help="nodule voxel in the series: row,col,slice (slice in ascending z)")
     search.add_argument("--at-mm", help="nodule position in patient coordinates: x,y,z in mm")
     search.add_argument("--data-dir", default="data")
@@ -510,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default %(default)s; another needs a token)"
     )
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="the PACS that 'Open from PACS' lists and fetches from (default: $NODULE_PIPELINE_DICOMWEB_URL, "
+        "or the one run --dicomweb used); credentials from NODULE_PIPELINE_DICOMWEB_TOKEN or _USER/_PASSWORD",
+    )
     serve.add_argument(
         "--token-file", help="file holding the token every request needs (default: $NODULE_PIPELINE_SERVE_TOKEN)"
     )

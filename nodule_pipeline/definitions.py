@@ -16,8 +16,7 @@ from nodule_pipeline.resources import (
     ReportStore,
     ScanSource,
     default_data_dir,
-    default_diagnosis_sheet,
-    default_lidc_root,
+    scan_source_for,
 )
 from nodule_pipeline.storage import artefacts_dir, reports_dir
 
@@ -43,12 +42,14 @@ def progress_logger(init_context: InitLoggerContext) -> logging.Logger:
 
 
 def build_definitions(
-    data_dir: Path | None = None, lidc_root: Path | None = None, diagnosis_sheet: Path | None = None
+    data_dir: Path | None = None,
+    lidc_root: Path | None = None,
+    diagnosis_sheet: Path | None = None,
+    scan_source: ScanSource | None = None,
 ) -> Definitions:
-    """Definitions for one data folder (artefacts under ``data_dir/artefacts``) and scan root."""
+    """Definitions for one data folder (artefacts under ``data_dir/artefacts``) and scan source
+    (``scan_source``, else the scan root ``lidc_root`` or what the data dir recorded)."""
     data_dir = (data_dir or default_data_dir()).resolve()
-    lidc_root = (lidc_root or default_lidc_root(data_dir)).resolve()
-    sheet = str(diagnosis_sheet.resolve()) if diagnosis_sheet else default_diagnosis_sheet(data_dir)
     return Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
@@ -57,7 +58,7 @@ def build_definitions(
         schedules=SCHEDULES,
         loggers={"progress": progress_logger},
         resources={
-            "scan_source": ScanSource(root=str(lidc_root), diagnosis_sheet=sheet),
+            "scan_source": scan_source or scan_source_for(data_dir, lidc_root, diagnosis_sheet),
             "io_manager": ArtefactIOManager(base_dir=str(artefacts_dir(data_dir))),
             "reports": ReportStore(folder=str(reports_dir(data_dir))),
         },

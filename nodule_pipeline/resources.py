@@ -1,7 +1,9 @@
 """Configurable resources: where scans live and where artefacts go.
 
 Both read their defaults from the environment (``NODULE_PIPELINE_DATA_DIR``,
-``NODULE_PIPELINE_LIDC_ROOT``) so the CLI, ``dg dev`` and tests point at the same folders.
+``NODULE_PIPELINE_LIDC_ROOT``, or ``NODULE_PIPELINE_DICOMWEB_URL`` and
+``NODULE_PIPELINE_ANNOTATIONS`` for a PACS) so the CLI, ``dg dev`` and tests point at the same
+sources.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +19,17 @@ import pandas as pd
 from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
 
 from nodule_pipeline import privacy
+from nodule_pipeline.arrivals import Watched, content_fingerprint, watch_folder
 from nodule_pipeline.errors import InputDataError, check_safe_key
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.index import MANIFEST as INDEX_MANIFEST
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest, save_index
 from nodule_pipeline.hashing.training import META_FILE as MODEL_META
 from nodule_pipeline.hashing.training import load_model, read_model_card, save_model
+from nodule_pipeline.lidc import dicomweb
 from nodule_pipeline.lidc.layout import find_patient_folders
 from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask
-from nodule_pipeline.lidc.series import CtSeries, open_scan, save_scan
+from nodule_pipeline.lidc.series import CtSeries, SkippedSeries, open_scan, save_scan
 from nodule_pipeline.roi_table import read_roi_table, write_roi_table
 from nodule_pipeline.storage import (
     ROI_TABLE_FILE,
@@ -39,6 +44,8 @@ from nodule_pipeline.storage import (
 DATA_DIR_ENV = "NODULE_PIPELINE_DATA_DIR"
 LIDC_ROOT_ENV = "NODULE_PIPELINE_LIDC_ROOT"
 DIAGNOSIS_ENV = "NODULE_PIPELINE_DIAGNOSIS"
+ANNOTATIONS_ENV = "NODULE_PIPELINE_ANNOTATIONS"
+PACS_CACHE = "pacs-cache"
 SETTINGS_FILE = "settings.json"
 
 
@@ -64,16 +71,47 @@ def default_diagnosis_sheet(data_dir: Path) -> str:
     return os.environ.get(DIAGNOSIS_ENV) or _settings(data_dir).get("diagnosis_sheet", "")
 
 
-def remember_lidc_root(data_dir: Path, lidc_root: Path, diagnosis_sheet: Path | None = None) -> None:
-    """Record the scan root (and a diagnosis sheet given to ``run``) beside the instance, so
-    ``make ui`` on that data dir finds the scans."""
-    settings = {"lidc_root": str(lidc_root.resolve())}
+def remember_scan_source(data_dir: Path, source: ScanSource, diagnosis_sheet: Path | None = None) -> None:
+    """Record the scan source (a scan root, or a PACS's URL and the readings' folder; never
+    credentials) and a diagnosis sheet given to ``run`` beside the instance, so ``make ui`` and
+    the sensors on that data dir find the scans."""
+    if source.is_pacs:
+        settings = {"dicomweb_url": source.dicomweb_url, "annotations_dir": source.annotations_dir}
+    else:
+        settings = {"lidc_root": str(Path(source.root).resolve())}
     if diagnosis_sheet is not None:
         settings["diagnosis_sheet"] = str(diagnosis_sheet.resolve())
     elif _settings(data_dir).get("diagnosis_sheet"):
         settings["diagnosis_sheet"] = _settings(data_dir)["diagnosis_sheet"]
     payload = json.dumps(settings, indent=2)
     atomic_write(data_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(payload))
+
+
+def scan_source_for(
+    data_dir: Path,
+    lidc_root: Path | None = None,
+    diagnosis_sheet: Path | None = None,
+    dicomweb_url: str | None = None,
+    annotations_dir: Path | None = None,
+) -> ScanSource:
+    """The scan source of a data dir: a PACS when a DICOMweb URL is given, set in
+    ``NODULE_PIPELINE_DICOMWEB_URL`` or recorded by ``run --dicomweb`` (and no scan root is
+    given), else the scan root (see :func:`default_lidc_root`)."""
+    settings = _settings(data_dir)
+    if lidc_root is None and os.environ.get(LIDC_ROOT_ENV):
+        lidc_root = Path(os.environ[LIDC_ROOT_ENV])
+    if lidc_root is None:
+        dicomweb_url = dicomweb_url or os.environ.get(dicomweb.DICOMWEB_URL_ENV) or settings.get("dicomweb_url")
+    sheet = str(diagnosis_sheet.resolve()) if diagnosis_sheet else default_diagnosis_sheet(data_dir)
+    if dicomweb_url:
+        readings = annotations_dir or os.environ.get(ANNOTATIONS_ENV) or settings.get("annotations_dir") or ""
+        return ScanSource(
+            dicomweb_url=dicomweb_url,
+            annotations_dir=str(Path(readings).resolve()) if readings else "",
+            cache_dir=str(data_dir.resolve() / PACS_CACHE),
+            diagnosis_sheet=sheet,
+        )
+    return ScanSource(root=str((lidc_root or default_lidc_root(data_dir)).resolve()), diagnosis_sheet=sheet)
 
 
 LAZY_VOLUMES = "lazy_volumes"
@@ -104,16 +142,66 @@ def load_artefact(folder: Path, lazy_volumes: bool = False) -> object:
     raise FileNotFoundError(f"no stored artefact in {folder}")
 
 
+@dataclass(frozen=True)
+class LocalPatient:
+    """A patient's scans on local disk for the folder reader: the patient folder under the scan
+    root, or the cache of what a PACS sent; series the source skipped without fetching (a PACS's
+    radiographs); the content fingerprint; and where the scans came from, as it may be shown."""
+
+    folder: Path
+    remote_skipped: list[SkippedSeries]
+    fingerprint: str
+    source: str
+
+
 class ScanSource(ConfigurableResource):
-    """LIDC scans as downloaded: ``<root>/<patient_id>/<study>/<series>/*.dcm`` + XML, or the
-    same under collection and download folders (see :mod:`nodule_pipeline.lidc.layout`).
+    """Where LIDC scans come from: a folder as downloaded (``<root>/<patient_id>/<study>/<series>/
+    *.dcm`` + XML, or the same under collection and download folders, see
+    :mod:`nodule_pipeline.lidc.layout`), or a PACS over DICOMweb (``dicomweb_url``) whose CT
+    studies are grouped by PatientID, with the LIDC XML readings from ``annotations_dir``.
 
-    Partition keys are the patient folder names, or their keyed pseudonyms when
-    ``NODULE_PIPELINE_PSEUDONYM_KEY`` is set (see :mod:`nodule_pipeline.privacy`)."""
+    Partition keys are the patient folder names (PatientIDs), or their keyed pseudonyms when
+    ``NODULE_PIPELINE_PSEUDONYM_KEY`` is set (see :mod:`nodule_pipeline.privacy`). The PACS's
+    credentials come from the environment (:mod:`nodule_pipeline.lidc.dicomweb`), never from here."""
 
-    root: str
+    root: str = ""
     diagnosis_sheet: str = ""
-    """TCIA's diagnosis spreadsheet (.xls); "" looks for ``*diagnosis*.xls`` at the root."""
+    """TCIA's diagnosis spreadsheet (.xls); "" looks for ``*diagnosis*.xls`` at the root (or in
+    the annotations folder of a PACS source)."""
+    dicomweb_url: str = ""
+    annotations_dir: str = ""
+    cache_dir: str = ""
+    """Where a PACS's series are cached (complete series only), so a retry does not fetch again."""
+
+    @property
+    def is_pacs(self) -> bool:
+        return bool(self.dicomweb_url)
+
+    @property
+    def where(self) -> str:
+        """The source as a message names it."""
+        return self.dicomweb_url or self.root
+
+    @property
+    def sheet_folder(self) -> Path:
+        """Where a diagnosis sheet is looked for when none is named."""
+        return Path(self.annotations_dir if self.is_pacs else self.root)
+
+    def _pacs(self) -> dicomweb.Pacs:
+        return dicomweb.Pacs(self.dicomweb_url)
+
+    def _readings(self) -> dict[str, list[Path]]:
+        return dicomweb.index_readings(Path(self.annotations_dir) if self.annotations_dir else None)
+
+    def pacs_patients(self) -> dict[str, list[dicomweb.PacsStudy]]:
+        """Partition key -> the patient's CT studies in the PACS. Studies that cannot be a
+        partition (no PatientID, or one that is not a safe name) are left out and named in the
+        error when nothing else is there."""
+        grouped, refused = dicomweb.group_by_patient(self._pacs().studies())
+        if refused and not grouped:
+            raise InputDataError(f"no usable CT study in the PACS: {'; '.join(refused)}", path=self.dicomweb_url)
+        pseudonymiser = privacy.active()
+        return {(pseudonymiser.patient(name) if pseudonymiser else name): grouped[name] for name in sorted(grouped)}
 
     def patient_folders(self) -> dict[str, Path]:
         """Partition key -> folder, for every patient folder under the root that holds DICOM files."""
@@ -132,8 +220,51 @@ class ScanSource(ConfigurableResource):
         return folders[patient_id]
 
     def list_patients(self) -> list[str]:
-        """Partition keys of the patient folders that hold DICOM files (sorted)."""
-        return sorted(self.patient_folders())
+        """Partition keys of the patients the source holds (sorted)."""
+        return sorted(self.pacs_patients() if self.is_pacs else self.patient_folders())
+
+    def watch(self) -> dict[str, Watched]:
+        """Every patient as the new-scan watcher sees it (see :mod:`nodule_pipeline.arrivals`)."""
+        if not self.is_pacs:
+            return {key: watch_folder(folder) for key, folder in self.patient_folders().items()}
+        pacs, patients = self._pacs(), self.pacs_patients()
+
+        def fingerprint(key: str) -> str:
+            listing = dicomweb.list_patient(pacs, key, patients[key])
+            readings = self._readings()
+            matched = [path for s in listing.ct_series for path in readings.get(s.series_uid, [])]
+            return dicomweb.source_fingerprint(listing.instance_uids(), matched)
+
+        return {
+            key: Watched(dicomweb.patient_signature(studies), False, lambda key=key: fingerprint(key))
+            for key, studies in patients.items()
+        }
+
+    def fingerprint(self, patient_id: str) -> str:
+        """The content fingerprint of what the source holds of a patient now."""
+        if not self.is_pacs:
+            return content_fingerprint(self.patient_dir(patient_id))
+        watched = self.watch()
+        if patient_id not in watched:
+            raise InputDataError("no CT study of this patient in the PACS", patient_id=patient_id, path=self.where)
+        return watched[patient_id].fingerprint()
+
+    def fetch_patient(self, patient_id: str) -> LocalPatient:
+        """The patient's scans on local disk, fetched from the PACS (complete series only, not
+        again when cached) or found under the scan root."""
+        if not self.is_pacs:
+            folder = self.patient_dir(patient_id)  # under pseudonyms a look through the scan root: once
+            return LocalPatient(folder, [], content_fingerprint(folder), privacy.shown_path(folder))
+        patients = self.pacs_patients()
+        if patient_id not in patients:
+            raise InputDataError("no CT study of this patient in the PACS", patient_id=patient_id, path=self.where)
+        cached = dicomweb.cache_patient(
+            self._pacs(), patient_id, patients[patient_id], self._readings(), Path(self.cache_dir)
+        )
+        studies = ", ".join(privacy.shown_uid(uid) for uid in cached.studies)
+        return LocalPatient(
+            cached.folder, cached.skipped, cached.fingerprint, f"{self.dicomweb_url} (studies {studies})"
+        )
 
 
 class ReportStore(ConfigurableResource):

@@ -41,7 +41,6 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 import nodule_pipeline
 from nodule_pipeline import privacy
-from nodule_pipeline.arrivals import content_fingerprint
 from nodule_pipeline.assets.model import ACCURACY_FLOOR
 from nodule_pipeline.assets.study import STUDY_FOLDER
 from nodule_pipeline.currency import (
@@ -57,7 +56,7 @@ from nodule_pipeline.hashing.report import REPORT_JSON
 from nodule_pipeline.ingest_summary import PatientIngest, summarise_ingestion
 from nodule_pipeline.lidc.diagnosis import find_diagnosis_sheet, sheet_fingerprint
 from nodule_pipeline.partitions import patients_partitions
-from nodule_pipeline.resources import ScanSource, default_diagnosis_sheet, remember_lidc_root
+from nodule_pipeline.resources import ScanSource, default_diagnosis_sheet, remember_scan_source, scan_source_for
 from nodule_pipeline.storage import artefact_folder, artefacts_dir, owner_died, owner_tag, reports_dir
 
 PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
@@ -210,10 +209,10 @@ def _short_values(metadata: dict) -> dict:
     return {key: value for key, value in metadata.items() if not isinstance(value, str) or len(value) < 500}
 
 
-def _partition_key(patient: str, folders: dict[str, Path]) -> str:
-    """A patient as the user names it (partition key, or folder name under pseudonyms) as a key."""
+def _partition_key(patient: str, available: Iterable[str]) -> str:
+    """A patient as the user names it (partition key, or folder name / PatientID under pseudonyms) as a key."""
     pseudonymiser = privacy.active()
-    return pseudonymiser.patient(patient) if pseudonymiser and patient not in folders else patient
+    return pseudonymiser.patient(patient) if pseudonymiser and patient not in available else patient
 
 
 def close_orphaned_runs(instance: DagsterInstance) -> int:
@@ -231,14 +230,14 @@ def close_orphaned_runs(instance: DagsterInstance) -> int:
 
 
 def patient_is_current(
-    instance: DagsterInstance, defs: Definitions, data_dir: Path, patient_id: str, folder: Path
+    instance: DagsterInstance, defs: Definitions, data_dir: Path, patient_id: str, scans: ScanSource
 ) -> bool:
     """Every per-patient asset is materialized, stored and current, from the same source files."""
     artefacts = artefacts_dir(data_dir)
     for name in INGESTION_ASSET_NAMES:
         if not is_current(instance, defs, artefact_folder(artefacts, [name], patient_id), name, patient_id):
             return False
-    return ingested_fingerprint(instance, patient_id) == content_fingerprint(folder)
+    return ingested_fingerprint(instance, patient_id) == scans.fingerprint(patient_id)
 
 
 def stale_library(
@@ -299,7 +298,7 @@ def run_study(
 
 
 def run_pipeline(
-    lidc_root: Path,
+    lidc_root: Path | None,
     data_dir: Path,
     patients: Iterable[str] | None = None,
     progress: Callable[[str], None] = print,
@@ -307,8 +306,12 @@ def run_pipeline(
     report: str = "quick",
     rerun: bool = False,
     diagnosis_sheet: Path | None = None,
+    dicomweb_url: str | None = None,
+    annotations_dir: Path | None = None,
 ) -> RunSummary:
-    """Register the patients under ``lidc_root`` as partitions and materialize their chain, then
+    """Register the patients under ``lidc_root`` (or the CT studies in the PACS at
+    ``dicomweb_url``, read with the LIDC XML under ``annotations_dir``) as partitions and
+    materialize their chain, then
     the library: dataset split, model (``training``: hash_model config), index and, unless
     ``report`` is "none", the deployed model's evaluation; then TCIA's diagnosis sheet
     (``diagnosis_sheet``, or ``*diagnosis*.xls`` at the scan root) matched to the library's
@@ -318,27 +321,28 @@ def run_pipeline(
     resumes where it stopped."""
     for category in (BetaWarning, PreviewWarning):  # Dagster's API-stability notes are not for end users
         warnings.filterwarnings("ignore", category=category)
-    lidc_root, data_dir = lidc_root.resolve(), data_dir.resolve()
+    data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    scans = ScanSource(root=str(lidc_root))
-    folders = scans.patient_folders()
-    wanted = [_partition_key(p, folders) for p in patients] if patients else list(folders)
+    scans = scan_source_for(data_dir, lidc_root, diagnosis_sheet, dicomweb_url, annotations_dir)
+    available = scans.list_patients()
+    wanted = [_partition_key(p, available) for p in patients] if patients else available
     outcomes: list[PatientOutcome] = []
     runnable = []
     for patient_id in wanted:
         try:
             check_safe_key(patient_id)
-            if patient_id not in folders:
-                raise InputDataError(
-                    "no patient folder with DICOM files under the scan root", patient_id=patient_id, path=lidc_root
+            if patient_id not in available:
+                what = (
+                    "CT study in the PACS" if scans.is_pacs else "patient folder with DICOM files under the scan root"
                 )
+                raise InputDataError(f"no {what}", patient_id=patient_id, path=scans.where)
             runnable.append(patient_id)
         except InputDataError as error:
             outcomes.append(PatientOutcome(patient_id, False, 0.0, error=str(error)))
             progress(f"  {patient_id}: FAILED {error}")
 
-    remember_lidc_root(data_dir, lidc_root, diagnosis_sheet)
-    defs = build_definitions(data_dir, lidc_root, diagnosis_sheet)
+    remember_scan_source(data_dir, scans, diagnosis_sheet)
+    defs = build_definitions(data_dir, scan_source=scans)
     instance = open_instance(data_dir)
     orphaned = close_orphaned_runs(instance)
     if orphaned:
@@ -350,7 +354,7 @@ def run_pipeline(
     tags = {RUNNER_TAG: owner_tag()}
     for number, patient_id in enumerate(runnable, start=1):
         prefix = f"[{number:>{len(str(len(runnable)))}}/{len(runnable)}] {patient_id}"
-        if not rerun and patient_is_current(instance, defs, data_dir, patient_id, folders[patient_id]):
+        if not rerun and patient_is_current(instance, defs, data_dir, patient_id, scans):
             metadata = _short_values(metadata_of(latest_record(instance, "nodule_rois", patient_id)))
             scan = _short_values(metadata_of(latest_record(instance, "lidc_scan", patient_id)))
             outcomes.append(PatientOutcome(patient_id, True, 0.0, metadata, skipped=True, scan=scan))
@@ -387,7 +391,9 @@ def run_pipeline(
         return summary
     names = LIBRARY_ASSET_NAMES if report != "none" else LIBRARY_ASSET_NAMES[:-1]
     sheet_failure = None  # the sheet is read before the library: the evaluation scores against it
-    if rerun or not diagnosis_is_current(instance, defs, data_dir, scans.root, diagnosis_sheet, ("lidc_diagnosis",)):
+    if rerun or not diagnosis_is_current(
+        instance, defs, data_dir, scans.sheet_folder, diagnosis_sheet, ("lidc_diagnosis",)
+    ):
         sheet = run_diagnosis(defs, instance, tags, ("lidc_diagnosis",))
         sheet_failure = None if sheet.success else diagnosis_failure(sheet)
     stale = names if rerun else stale_library(instance, defs, data_dir, names, training)
@@ -414,7 +420,7 @@ def run_pipeline(
             progress(f"library: FAILED {failure_reason(result)}")
     if sheet_failure is not None:
         summary.diagnosis = sheet_failure
-    elif not diagnosis_is_current(instance, defs, data_dir, scans.root, diagnosis_sheet):
+    elif not diagnosis_is_current(instance, defs, data_dir, scans.sheet_folder, diagnosis_sheet):
         summary.diagnosis = attach_diagnosis(defs, instance, tags, ("nodule_diagnosis",))
     if summary.diagnosis:
         progress(f"diagnosis: {summary.diagnosis}")
@@ -427,7 +433,7 @@ def diagnosis_is_current(
     instance: DagsterInstance,
     defs: Definitions,
     data_dir: Path,
-    lidc_root: str,
+    sheet_folder: Path,
     given: Path | None,
     names: tuple[str, ...] = DIAGNOSIS_ASSET_NAMES,
 ) -> bool:
@@ -436,7 +442,7 @@ def diagnosis_is_current(
         if not is_current(instance, defs, artefact_folder(artefacts_dir(data_dir), [name]), name):
             return False
     try:
-        sheet = find_diagnosis_sheet(Path(lidc_root), given or default_diagnosis_sheet(data_dir) or None)
+        sheet = find_diagnosis_sheet(sheet_folder, given or default_diagnosis_sheet(data_dir) or None)
         fingerprint = sheet_fingerprint(sheet)
     except (InputDataError, OSError):
         return False  # its run says why

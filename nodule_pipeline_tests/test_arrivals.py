@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, build_sensor_context, evaluate_automation_conditions
 
-from nodule_pipeline.arrivals import COMPLETE_MARKER, ArrivalState, content_fingerprint, find_arrivals
+from nodule_pipeline.arrivals import COMPLETE_MARKER, ArrivalState, content_fingerprint, find_arrivals, watch_folder
 from nodule_pipeline.automation import SETTLE_SECONDS_ENV
 from nodule_pipeline.definitions import build_definitions
 from nodule_pipeline.hashing.searcher import NoduleSearcher
@@ -40,8 +40,8 @@ def _folder(root: Path, name: str, files: dict[str, bytes]) -> Path:
 
 
 def _look(root: Path, state: ArrivalState, now: float, known: dict[str, str] | None = None) -> list[str]:
-    folders = {p.name: p for p in root.iterdir()}
-    arrivals = find_arrivals(folders, state, settle_seconds=60, known_fingerprint=(known or {}).get, now=now)
+    watched = {p.name: watch_folder(p) for p in root.iterdir()}
+    arrivals = find_arrivals(watched, state, settle_seconds=60, known_fingerprint=(known or {}).get, now=now)
     return [a.patient_id for a in arrivals]
 
 

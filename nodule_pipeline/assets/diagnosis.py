@@ -6,8 +6,6 @@ patients. Neither asset is upstream of the index: a missing or malformed sheet n
 ingestion or search, it only leaves hits without a confirmed diagnosis.
 """
 
-from pathlib import Path
-
 import pandas as pd
 from dagster import AssetExecutionContext, AutomationCondition, MetadataValue, Output, asset
 
@@ -27,7 +25,7 @@ def lidc_diagnosis(context: AssetExecutionContext, scan_source: ScanSource) -> O
     """TCIA's diagnosis sheet as users download it (``*diagnosis*.xls`` at the scan root, or the
     scan source's ``diagnosis_sheet``): one row per patient and per listed nodule, codes decoded.
     No sheet is an empty table, not a failure; a malformed one fails naming file, sheet and column."""
-    path = find_diagnosis_sheet(Path(scan_source.root), scan_source.diagnosis_sheet or None)
+    path = find_diagnosis_sheet(scan_source.sheet_folder, scan_source.diagnosis_sheet or None)
     if path is None:
         context.log.info("no diagnosis sheet (*diagnosis*.xls) at the scan root: hits carry no confirmed diagnosis")
         metadata = {"source": "none", "sheet_fingerprint": sheet_fingerprint(None), "patients": 0, "listed_nodules": 0}

@@ -6,7 +6,6 @@ from collections import Counter
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetExecutionContext, MetadataValue, Output, asset
 
 from nodule_pipeline import privacy
-from nodule_pipeline.arrivals import content_fingerprint
 from nodule_pipeline.currency import SOURCE_FINGERPRINT
 from nodule_pipeline.lidc.series import (
     AIR_HU_MAX,
@@ -40,7 +39,8 @@ HU_RANGE = "hu_range_plausible"
     ],
 )
 def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource):
-    """Every CT series of the patient (TCIA layouts) with its LIDC XML annotations, validated:
+    """Every CT series of the patient (TCIA layouts, or fetched from a PACS over DICOMweb) with its
+    LIDC XML annotations, validated:
     readable slices, one series per folder, no missing slices, annotations on slices of the
     series. Other series (radiographs, SEG, SR) are skipped and listed; slices sharing a z keep
     the lower InstanceNumber, as in pylidc, and are listed too. Stored as zstd-compressed int16
@@ -48,11 +48,14 @@ def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource):
     pseudonymised when pseudonyms are on."""
     patient_id = context.partition_key
     started = time.perf_counter()
-    patient_dir = scan_source.patient_dir(patient_id)  # under pseudonyms a look through the scan root: once
-    found = find_series_folders(patient_dir, patient_id)
-    for skipped in found.skipped:
+    local = scan_source.fetch_patient(patient_id)
+    found = find_series_folders(local.folder, patient_id)
+    skipped_series = local.remote_skipped + found.skipped
+    for skipped in skipped_series:
         where = privacy.shown_path(skipped.folder)
         context.log.info(f"{patient_id}: skipped a {skipped.modality} series ({skipped.files} files), not CT: {where}")
+    if scan_source.is_pacs:
+        context.log.info(f"{patient_id}: {len(found.ct_folders)} CT series from {local.source}")
     series_list = [load_series(folder, patient_id) for folder in found.ct_folders]
     duplicates = [d for s in series_list for d in s.duplicate_slices]
     for duplicate in duplicates:
@@ -74,15 +77,15 @@ def lidc_scan(context: AssetExecutionContext, scan_source: ScanSource):
             "spacing_mm": MetadataValue.json({s.series_uid: list(s.spacing_mm) for s in series_list}),
             "annotations": sum(len(s.annotations.annotations) for s in series_list),
             "annotation_files": MetadataValue.json([str(s.annotations.xml_path) for s in series_list]),
-            "skipped_series": len(found.skipped),
-            "skipped_by_modality": MetadataValue.json(dict(Counter(s.modality for s in found.skipped))),
-            "skipped_series_list": MetadataValue.json([s.to_dict() for s in found.skipped]),
+            "skipped_series": len(skipped_series),
+            "skipped_by_modality": MetadataValue.json(dict(Counter(s.modality for s in skipped_series))),
+            "skipped_series_list": MetadataValue.json([s.to_dict() for s in skipped_series]),
             "duplicate_slices_resolved": len(duplicates),
             "duplicate_slices": MetadataValue.json([d.to_dict() for d in duplicates]),
             "ignored_reading_files": MetadataValue.json(ignored_xml),
             "volume_mb": round(sum(s.hu.nbytes for s in series_list) / 2**20, 1),
-            "source": MetadataValue.path(privacy.shown_path(patient_dir)),
-            SOURCE_FINGERPRINT: content_fingerprint(patient_dir),
+            "source": MetadataValue.text(local.source) if scan_source.is_pacs else MetadataValue.path(local.source),
+            SOURCE_FINGERPRINT: local.fingerprint,
             "seconds": round(time.perf_counter() - started, 2),
             "middle_slice": MetadataValue.md(markdown_image(mask_overlay(middle, middle < -10000), "middle slice")),
         },

@@ -12,6 +12,7 @@ was asked, are :mod:`~nodule_pipeline.serve.security`'s: handlers only say what 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from starlette.staticfiles import StaticFiles
 
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.searcher import MODES, NoduleSearcher, UnknownNoduleError, read_query_roi
+from nodule_pipeline.lidc.dicomweb import Pacs, PacsError
 from nodule_pipeline.serve import library as describe
 from nodule_pipeline.serve.audit import AuditLog
 from nodule_pipeline.serve.library import Library, LibraryUnavailable
@@ -45,7 +47,18 @@ SERIES_ZIP_LIMIT = 1 << 30
 """Largest uploaded DICOM series zip (a thin-slice CT series is a few hundred MB)."""
 CONCURRENT_SERIES_UPLOADS = 2
 """Series read at once (each takes up to a few GB while read); a third waits for a 503's Retry-After."""
-SEARCH_FIELDS = ("image", "nodule_id", "series_id", "voxel", "position_mm", "k", "mode", "unit", "exclude_patient")
+SEARCH_FIELDS = (
+    "image",
+    "nodule_id",
+    "series_id",
+    "dicomweb",
+    "voxel",
+    "position_mm",
+    "k",
+    "mode",
+    "unit",
+    "exclude_patient",
+)
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 """The page loads its own files only: nothing from elsewhere, even if an item's text held markup."""
 T = TypeVar("T")
@@ -57,11 +70,17 @@ class BodyTooLarge(Exception):
 
 
 def create_app(
-    data_dir: Path, dagster_url: str | None = None, access: Access | None = None, audit: AuditLog | None = None
+    data_dir: Path,
+    dagster_url: str | None = None,
+    access: Access | None = None,
+    audit: AuditLog | None = None,
+    dicomweb_url: str | None = None,
 ) -> Starlette:
     """The app for a data dir; ``dagster_url`` (the Dagster UI's address) adds links to the assets.
     ``access`` says who may ask (default: no token, localhost names only); ``audit`` takes a line
-    per search, upload and nodule view."""
+    per search, upload and nodule view. ``dicomweb_url`` is the PACS that "Open from PACS" lists
+    and fetches from (a server setting, with its credentials from the environment: the page never
+    names a PACS)."""
     access = access or Access()
     app = Starlette(
         routes=[
@@ -78,10 +97,14 @@ def create_app(
             Route("/api/search/upload", search_upload, methods=["POST"]),
             Route("/api/series", series_upload, methods=["POST"]),
             Route("/api/series/{series_id}/slices/{index:int}.png", series_slice),
+            Route("/api/pacs/studies", pacs_studies),
+            Route("/api/pacs/studies/{study_uid}/series", pacs_series),
+            Route("/api/pacs/series", pacs_open, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         exception_handlers={
             InputDataError: lambda _, error: _error(400, str(error)),
+            PacsError: lambda _, error: _error(error.status, str(error)),
             BodyTooLarge: lambda _, error: _error(413, str(error)),
             LibraryUnavailable: lambda _, error: _error(503, str(error)),
             HTTPException: lambda _, error: _error(error.status_code, error.detail),
@@ -93,6 +116,7 @@ def create_app(
     app.state.uploads = SeriesStore(data_dir / "uploads")
     app.state.series_slots = threading.BoundedSemaphore(CONCURRENT_SERIES_UPLOADS)
     app.state.dagster_url = dagster_url.rstrip("/") if dagster_url else None
+    app.state.dicomweb_url = dicomweb_url
     return app
 
 
@@ -210,7 +234,7 @@ async def library_info(request: Request) -> JSONResponse:
     url = request.app.state.dagster_url
     links = {name: f"{url}/assets/{name}" for name in ("hash_index", "hash_model")} if url else None
     info = await _with_searcher(request, describe.summary)
-    return JSONResponse({**info, "modes": list(MODES), "dagster": links})
+    return JSONResponse({**info, "modes": list(MODES), "dagster": links, "pacs": bool(request.app.state.dicomweb_url)})
 
 
 async def nodules(request: Request) -> JSONResponse:
@@ -246,22 +270,28 @@ async def search(request: Request) -> JSONResponse:
     """A JSON query: an image, a library nodule, or a voxel of an uploaded series."""
     payload = await _json_body(request)
     if isinstance(payload, dict):
-        asked = {key: str(payload[key])[:200] for key in ("nodule_id", "series_id") if key in payload}
+        asked = {key: str(payload[key])[:200] for key in ("nodule_id", "series_id", "dicomweb") if key in payload}
         request.state.audit = {"asked": asked or ("image" if "image" in payload else "?")}
     uploads: SeriesStore = request.app.state.uploads
-    answer = await _with_searcher(request, lambda s: _search(s, uploads, payload))
+    pacs = (lambda: _pacs(request)) if isinstance(payload, dict) and "dicomweb" in payload else None
+    answer = await _with_searcher(request, lambda s: _search(s, uploads, payload, pacs))
     return JSONResponse(_audit(request, answer))
 
 
-def _search(searcher: NoduleSearcher, uploads: SeriesStore, payload: object) -> dict[str, Any]:
+def _search(
+    searcher: NoduleSearcher, uploads: SeriesStore, payload: object, pacs: Callable[[], Pacs] | None = None
+) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise InputDataError("the request body must be a JSON object")
     unknown = sorted(set(payload) - set(SEARCH_FIELDS))
     if unknown:
         raise InputDataError(f"unknown field(s) {', '.join(unknown)}; a search takes {', '.join(SEARCH_FIELDS)}")
-    given = [key for key in ("image", "nodule_id", "series_id") if key in payload]
+    given = [key for key in ("image", "nodule_id", "series_id", "dicomweb") if key in payload]
     if len(given) != 1:
-        raise InputDataError("give one query: image (32x32 = 1024 HU values), nodule_id, or series_id with voxel")
+        raise InputDataError(
+            "give one query: image (32x32 = 1024 HU values), nodule_id, or series_id (or dicomweb: "
+            "{study, series}) with voxel"
+        )
     k, mode, exclude = payload.get("k", 10), payload.get("mode", "hierarchical"), payload.get("exclude_patient")
     unit = payload.get("unit", "nodule")
     if exclude is not None and not isinstance(exclude, str):
@@ -278,7 +308,11 @@ def _search(searcher: NoduleSearcher, uploads: SeriesStore, payload: object) -> 
         nodule = describe.nodule_json(searcher, payload["nodule_id"])
         query = {"kind": "nodule", **{key: nodule[key] for key in ("nodule_id", "patient_id", "label", "malignancy")}}
     else:
-        uploaded = uploads.get(payload["series_id"])
+        if "dicomweb" in payload:
+            study_uid, series_uid = _pacs_series_uids(payload["dicomweb"])
+            series_id, uploaded = uploads.add_from_pacs(pacs(), study_uid, series_uid)
+        else:
+            series_id, uploaded = payload["series_id"], uploads.get(payload["series_id"])
         response = searcher.search_series(
             uploaded.series,
             payload.get("voxel"),
@@ -289,7 +323,9 @@ def _search(searcher: NoduleSearcher, uploads: SeriesStore, payload: object) -> 
             lungs=uploaded.lungs,
             unit=unit,
         )
-        query = {"kind": "series", "series_id": payload["series_id"], "voxel": payload.get("voxel")}
+        query = {"kind": "series", "series_id": series_id, "voxel": payload.get("voxel")}
+        if uploaded.source is not None:
+            query |= {"dicomweb": {"study": uploaded.source[1], "series": uploaded.source[2]}}
     return describe.response_json(searcher, response, query)
 
 
@@ -333,6 +369,79 @@ async def series_upload(request: Request) -> JSONResponse:
         slots.release()
     request.state.audit = {"asked": {"name": name, "series_id": series_id}}
     return JSONResponse(uploaded.describe(series_id))
+
+
+# --------------------------------------------------------------------------- the PACS (DICOMweb)
+
+
+def _pacs(request: Request) -> Pacs:
+    url = request.app.state.dicomweb_url
+    if not url:
+        raise InputDataError("this server has no PACS: start it with serve --dicomweb URL")
+    return Pacs(url)
+
+
+def _pacs_series_uids(given: object) -> tuple[str, str]:
+    if not (isinstance(given, dict) and set(given) == {"study", "series"}):
+        raise InputDataError(f"dicomweb must be {{study: UID, series: UID}}, got {str(given)[:200]}")
+    uids = (given["study"], given["series"])
+    if not all(isinstance(uid, str) and _UID.match(uid) for uid in uids):
+        raise InputDataError(f"study and series must be DICOM UIDs (digits and dots), got {str(given)[:200]}")
+    return uids
+
+
+_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+
+async def pacs_studies(request: Request) -> JSONResponse:
+    """The PACS's CT studies (patient id, date, description), newest first, for "Open from PACS"."""
+    pacs = _pacs(request)
+    studies = await run_in_threadpool(pacs.studies)
+    shown = [s.to_dict() for s in reversed(studies) if not s.modalities or "CT" in s.modalities]
+    request.state.audit = {"asked": "pacs studies"}
+    return JSONResponse({"studies": shown})
+
+
+async def pacs_series(request: Request) -> JSONResponse:
+    """A study's series in the PACS (CT ones can be opened)."""
+    pacs = _pacs(request)
+    study_uid = request.path_params["study_uid"]
+    if not _UID.match(study_uid):
+        raise InputDataError(f"study must be a DICOM UID (digits and dots), got {study_uid[:200]!r}")
+    found = await run_in_threadpool(pacs.series, study_uid)
+    request.state.audit = {"asked": {"study": study_uid}}
+    return JSONResponse(
+        {
+            "study_uid": study_uid,
+            "series": [
+                {
+                    "series_uid": s.series_uid,
+                    "modality": s.modality,
+                    "instances": s.instances,
+                    "description": s.description,
+                }
+                for s in found
+            ],
+        }
+    )
+
+
+async def pacs_open(request: Request) -> JSONResponse:
+    """Fetch a CT series from the PACS (WADO-RS) to click a nodule on, as an uploaded zip is."""
+    payload = await _json_body(request)
+    study_uid, series_uid = _pacs_series_uids(payload.get("dicomweb") if isinstance(payload, dict) else payload)
+    request.state.audit = {"asked": {"study": study_uid, "series": series_uid}}
+    pacs, uploads = _pacs(request), request.app.state.uploads
+    slots: threading.BoundedSemaphore = request.app.state.series_slots
+    if not slots.acquire(blocking=False):
+        busy = f"{CONCURRENT_SERIES_UPLOADS} series are being read; ask again in a few seconds"
+        return JSONResponse({"error": busy}, status_code=503, headers={"Retry-After": "5"})
+    try:
+        series_id, opened = await run_in_threadpool(uploads.add_from_pacs, pacs, study_uid, series_uid)
+    finally:
+        slots.release()
+    request.state.audit = {"asked": {"study": study_uid, "series": series_uid, "series_id": series_id}}
+    return JSONResponse(opened.describe(series_id) | {"dicomweb": {"study": study_uid, "series": series_uid}})
 
 
 async def series_slice(request: Request) -> Response:

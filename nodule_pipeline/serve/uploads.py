@@ -1,5 +1,5 @@
-"""DICOM series that people upload (a zip) to click a nodule on: unpacked safely, read with the
-pipeline's own series reader, and kept in memory for a few queries.
+"""DICOM series that people upload (a zip) or open from the PACS to click a nodule on: unpacked
+or fetched safely, read with the pipeline's own series reader, and kept in memory for a few queries.
 
 The zip's files are unpacked into a temporary folder (under the data dir's ``uploads/``, named
 by the server's process id, so that a killed server's leftovers are removed at the next start), read by
@@ -28,9 +28,11 @@ import numpy as np
 from PIL import Image
 
 from nodule_pipeline.errors import InputDataError
+from nodule_pipeline.lidc.dicomweb import QUERY_PATIENT, Pacs, fetch_query_series
 from nodule_pipeline.lidc.lung_mask import segment_lungs
 from nodule_pipeline.lidc.series import CtSeries, load_series, series_modality
 from nodule_pipeline.pictures import to_png, window
+from nodule_pipeline.privacy import shown_uid
 
 UPLOAD_PATIENT = "upload"
 """The patient id an uploaded series' errors carry (its real one is not read)."""
@@ -46,6 +48,8 @@ class UploadedSeries:
 
     series: CtSeries
     lungs: np.ndarray
+    source: tuple[str, ...] | None = None
+    """(DICOMweb URL, study UID, series UID) of a series fetched from the PACS."""
 
     def describe(self, series_id: str) -> dict[str, object]:
         rows, cols, slices = self.series.shape
@@ -73,8 +77,28 @@ class SeriesStore:
         self._lock = threading.Lock()
 
     def add(self, file: BinaryIO, name: str) -> tuple[str, UploadedSeries]:
-        series = read_series_zip(file, name, self.scratch)
-        uploaded = UploadedSeries(series, segment_lungs(series.hu, series.spacing_mm))
+        return self._keep(read_series_zip(file, name, self.scratch))
+
+    def add_from_pacs(self, pacs: Pacs, study_uid: str, series_uid: str) -> tuple[str, UploadedSeries]:
+        """A CT series fetched from the PACS (WADO-RS) and read like an upload; asked again while
+        it is kept, the same series is not fetched again."""
+        source = (pacs.url, study_uid, series_uid)
+        with self._lock:
+            known = next((sid for sid, kept in self._series.items() if kept.source == source), None)
+            if known is not None:
+                self._series.move_to_end(known)
+                return known, self._series[known]
+        with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-pacs-", dir=self.scratch) as tmp:
+            folder = fetch_query_series(pacs, study_uid, series_uid, Path(tmp))
+            try:
+                series = load_series(folder, QUERY_PATIENT)
+            except InputDataError as error:
+                raise InputDataError(str(error).replace(str(folder), f"PACS series {series_uid}")) from None
+        shown = Path(f"PACS study {shown_uid(study_uid)}, series {shown_uid(series_uid)}")
+        return self._keep(dataclasses.replace(series, folder=shown), source)
+
+    def _keep(self, series: CtSeries, source: tuple[str, ...] | None = None) -> tuple[str, UploadedSeries]:
+        uploaded = UploadedSeries(series, segment_lungs(series.hu, series.spacing_mm), source)
         series_id = secrets.token_hex(8)
         with self._lock:
             self._series[series_id] = uploaded

@@ -23,7 +23,7 @@ const SCALES = {
     1: "highly unlikely", 2: "moderately unlikely", 3: "indeterminate", 4: "moderately suspicious", 5: "highly suspicious",
   },
 };
-let series = null; // the uploaded DICOM series being viewed
+let series = null; // the DICOM series being viewed (uploaded, or opened from the PACS)
 
 async function api(url, options = {}) {
   const response = await fetch(url, options);
@@ -105,6 +105,7 @@ async function loadLibrary() {
     line.textContent =
       `index ${library.index_version} · model ${library.model_version} · ${library.nodules} nodules ` +
       `(${library.items} reader annotations) of ${library.patients} patients · ${library.bits}-bit codes`;
+    $("pacs-open").hidden = !library.pacs;
     for (const [name, url] of Object.entries(library.dagster || {})) {
       line.append(" · ");
       const link = element("a", "", `${name} in Dagster`);
@@ -257,11 +258,12 @@ function showSlice() {
   $("marker").hidden = true;
 }
 
-async function uploadSeries(file) {
+// Read a series on the server (an upload, or a fetch from the PACS), then show its middle slice.
+async function openSeries(ask) {
   showError("");
   $("busy").hidden = false;
   try {
-    series = await api(`/api/series?${new URLSearchParams({ filename: file.name })}`, uploadOptions(file));
+    series = await ask();
     $("slice").max = series.slices - 1;
     $("slice").value = Math.floor(series.slices / 2);
     $("viewer").hidden = false;
@@ -270,6 +272,62 @@ async function uploadSeries(file) {
     showError(error.message);
   } finally {
     $("busy").hidden = true;
+  }
+}
+
+function uploadSeries(file) {
+  return openSeries(() => api(`/api/series?${new URLSearchParams({ filename: file.name })}`, uploadOptions(file)));
+}
+
+// --- the PACS: its studies, a study's series, one CT series opened like an upload
+
+async function listPacsStudies() {
+  showError("");
+  try {
+    const { studies } = await api("/api/pacs/studies");
+    const rows = studies.map((study) => {
+      const row = element("tr", "pacs-study", "");
+      for (const text of [study.patient_id, formatDate(study.date), study.description || "—", study.instances]) {
+        row.append(element("td", "", String(text)));
+      }
+      row.tabIndex = 0;
+      row.addEventListener("click", () => listPacsSeries(study, row));
+      return row;
+    });
+    $("pacs-studies").tBodies[0].replaceChildren(...rows);
+    $("pacs-series").replaceChildren();
+    $("pacs").hidden = false;
+    if (!studies.length) showError("the PACS holds no CT study");
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+function formatDate(date) {
+  return /^\d{8}$/.test(date) ? `${date.slice(0, 4)}-${date.slice(4, 6)}-${date.slice(6)}` : date || "—";
+}
+
+async function listPacsSeries(study, row) {
+  showError("");
+  for (const other of row.parentNode.children) other.classList.toggle("chosen", other === row);
+  try {
+    const found = await api(`/api/pacs/studies/${encodeURIComponent(study.study_uid)}/series`);
+    const items = found.series.map((one) => {
+      const item = element("li", "", "");
+      const button = element("button", "", `${one.modality} · ${one.description || "series"} · ${one.instances} images`);
+      button.type = "button";
+      button.disabled = one.modality !== "CT";
+      button.addEventListener("click", () => openSeries(() => api("/api/pacs/series", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ dicomweb: { study: study.study_uid, series: one.series_uid } }),
+      })));
+      item.append(button);
+      return item;
+    });
+    $("pacs-series").replaceChildren(...items);
+  } catch (error) {
+    showError(error.message);
   }
 }
 
@@ -315,6 +373,7 @@ function bind() {
     });
   }
   $("slice-image").addEventListener("click", clickNodule);
+  $("pacs-open").addEventListener("click", listPacsStudies);
   $("sign-in").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", signOut);
 }
