@@ -190,24 +190,29 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
     if not (given[0] or given[1]) and (not series_given or positions == (None, None)):
         raise InputDataError(
-            "give --roi FILE, or --dicom DIR (or --dicomweb URL --study UID --series UID) with --at I,J,K or "
-            "--at-mm X,Y,Z, or --nodule ID"
+            "give --roi FILE, or --dicom DIR with --at I,J,K or --at-mm X,Y,Z (or --dicomweb URL --study UID "
+            "--series UID with either), or --nodule ID"
         )
     if args.dicomweb is not None and not (args.study and args.series):
         raise InputDataError("--dicomweb needs --study UID and --series UID: the series to search from")
+    if args.store_results and args.dicomweb is None:
+        raise InputDataError("--store-results stores the answer in the query's study: it needs a --dicomweb query")
     if args.nodule is not None and args.exclude_patient is not None:
         raise InputDataError("--nodule leaves out the nodule's own patient; --exclude-patient does not apply")
     query = load_query_roi(Path(args.roi)) if args.roi is not None else None
     voxel = _triple(args.at, "--at") if args.at is not None else None
     position = _triple(args.at_mm, "--at-mm") if args.at_mm is not None else None
     series_dir = Path(args.dicom) if args.dicom is not None else None
-    if args.dicomweb is not None:  # fetched before the library loads: a PACS fault fails at once
+    pacs_series = None
+    if args.dicomweb is not None:  # fetched and read before the library loads: a PACS fault fails at once
         import tempfile
 
-        from nodule_pipeline.lidc.dicomweb import Pacs, fetch_query_series
+        from nodule_pipeline.lidc.dicomweb import QUERY_PATIENT, Pacs, fetch_query_series
+        from nodule_pipeline.lidc.series import load_series
 
-        scratch = tempfile.TemporaryDirectory(prefix="nodule-query-")  # removed at exit, whatever happens
-        series_dir = fetch_query_series(Pacs(args.dicomweb), args.study, args.series, Path(scratch.name))
+        pacs = Pacs(args.dicomweb)
+        with tempfile.TemporaryDirectory(prefix="nodule-query-") as scratch:
+            pacs_series = load_series(fetch_query_series(pacs, args.study, args.series, Path(scratch)), QUERY_PATIENT)
     searcher = NoduleSearcher.from_data_dir(Path(args.data_dir))
     unit = "annotation" if args.per_annotation else "nodule"
     options = {"k": args.k, "mode": args.mode, "exclude_patient": args.exclude_patient, "unit": unit}
@@ -215,6 +220,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         response = searcher.search_roi(query, source=args.roi, **options)
     elif args.nodule is not None:
         response = searcher.search_nodule(args.nodule, k=args.k, mode=args.mode, unit=unit)
+    elif pacs_series is not None:
+        response = searcher.search_series(pacs_series, voxel, position, **options)
     else:
         response = searcher.search_dicom(series_dir, voxel=voxel, position_mm=position, **options)
     hits = response.hits
@@ -244,6 +251,18 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(response.as_text(searcher.index.index_version, searcher.diagnoses))
         if args.picture:
             print(f"picture: {args.picture}")
+    if args.store_results:
+        from nodule_pipeline.pacs_results import store_results
+        from nodule_pipeline.serve.library import response_json
+
+        query = {"kind": "series", "voxel": list(voxel) if voxel else None}
+        at = voxel or pacs_series.voxel_at_mm(*position)
+        stored = store_results(pacs, response_json(searcher, response, query), pacs_series, at)
+        print(
+            f"stored in study {stored.study_uid}: report {stored.report_uid}, key images {stored.key_images_uid} "
+            f"({stored.key_images} image(s))",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     return 0
 
 
@@ -489,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--study", metavar="UID", help="with --dicomweb: the StudyInstanceUID")
     search.add_argument("--series", metavar="UID", help="with --dicomweb: the SeriesInstanceUID")
+    search.add_argument(
+        "--store-results",
+        action="store_true",
+        help="with --dicomweb: store the answer in the query's study (a DICOM SR and a key-image KOS, STOW-RS)",
+    )
     search.add_argument("--at", help="nodule voxel in the series: row,col,slice (slice in ascending z)")
     search.add_argument("--at-mm", help="nodule position in patient coordinates: x,y,z in mm")
     search.add_argument("--data-dir", default="data")

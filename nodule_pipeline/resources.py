@@ -94,14 +94,14 @@ def scan_source_for(
     dicomweb_url: str | None = None,
     annotations_dir: Path | None = None,
 ) -> ScanSource:
-    """The scan source of a data dir: a PACS when a DICOMweb URL is given, set in
-    ``NODULE_PIPELINE_DICOMWEB_URL`` or recorded by ``run --dicomweb`` (and no scan root is
-    given), else the scan root (see :func:`default_lidc_root`)."""
+    """The scan source of a data dir, the first that is set: a scan root or a DICOMweb URL given
+    here, ``NODULE_PIPELINE_DICOMWEB_URL``, ``NODULE_PIPELINE_LIDC_ROOT``, what ``run`` recorded
+    (``--dicomweb`` or ``--lidc-root``), else ``data/lidc`` (see :func:`default_lidc_root`)."""
     settings = _settings(data_dir)
-    if lidc_root is None and os.environ.get(LIDC_ROOT_ENV):
-        lidc_root = Path(os.environ[LIDC_ROOT_ENV])
-    if lidc_root is None:
-        dicomweb_url = dicomweb_url or os.environ.get(dicomweb.DICOMWEB_URL_ENV) or settings.get("dicomweb_url")
+    if lidc_root is None and not dicomweb_url:
+        dicomweb_url = os.environ.get(dicomweb.DICOMWEB_URL_ENV)
+        if not dicomweb_url and not os.environ.get(LIDC_ROOT_ENV):
+            dicomweb_url = settings.get("dicomweb_url")
     sheet = str(diagnosis_sheet.resolve()) if diagnosis_sheet else default_diagnosis_sheet(data_dir)
     if dicomweb_url:
         readings = annotations_dir or os.environ.get(ANNOTATIONS_ENV) or settings.get("annotations_dir") or ""

@@ -4,17 +4,21 @@ folder; the PACS is a server setting the page never names."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
+from dicomweb_client import DICOMwebClient
 from playwright import sync_api
 
 from nodule_pipeline.cli import main
 from nodule_pipeline.hashing.searcher import NoduleSearcher
+from nodule_pipeline.lidc.series import load_series
 from nodule_pipeline_tests.browser import UI_TIMEOUT_MS
 from nodule_pipeline_tests.orthanc import OrthancServer, running_orthanc, sample_files, upload
 from nodule_pipeline_tests.search_server import SearchServer, search_server
@@ -55,6 +59,13 @@ def query(lidc_sample: Path, served_library: Path) -> dict:
     }
 
 
+def _dicom_file(dataset: pydicom.Dataset) -> io.BytesIO:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer
+
+
 def _hits(answer: dict) -> list[tuple]:
     return [(h["nodule_id"], h["hamming"], round(h["euclidean"], 5)) for h in answer["hits"]]
 
@@ -90,6 +101,74 @@ def test_pacs_faults_over_the_api(pacs_page: SearchServer, search_page: SearchSe
     assert status == 400 and "serve --dicomweb URL" in answer["error"]
 
 
+def _stored(orthanc: OrthancServer, study_uid: str, sop_uid: str) -> pydicom.Dataset:
+    """An object stored in the PACS, read back as a viewer would (WADO-RS)."""
+    client = DICOMwebClient(orthanc.dicomweb)
+    for series in client.search_for_series(study_uid):
+        for instance in client.search_for_instances(study_uid, series["0020000E"]["Value"][0]):
+            if instance["00080018"]["Value"][0] == sop_uid:
+                return client.retrieve_instance(study_uid, series["0020000E"]["Value"][0], sop_uid)
+    raise AssertionError(f"{sop_uid} is not in study {study_uid}")
+
+
+def _sr_texts(report: pydicom.Dataset) -> dict[str, list]:
+    """Concept name -> values of the SR's content items, depth first."""
+    found: dict[str, list] = {}
+
+    def walk(items) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning
+            value = item.get("TextValue", None)
+            if value is None and "MeasuredValueSequence" in item:
+                value = float(item.MeasuredValueSequence[0].NumericValue)
+            found.setdefault(name, []).append(value)
+            walk(item.get("ContentSequence", []))
+
+    walk(report.ContentSequence)
+    return found
+
+
+def test_the_answer_is_stored_in_the_query_study_as_sr_and_kos(
+    pacs_page: SearchServer, orthanc: OrthancServer, served_library: Path, query
+) -> None:
+    asked = {"dicomweb": {"study": query["study"], "series": query["series"]}, "voxel": query["voxel"], "k": 3}
+    status, answer = pacs_page.post_json("/api/search", asked | {"store_results": True})
+    assert status == 200, answer
+    stored = answer["stored"]
+    assert stored["study_uid"] == query["study"]
+    report = _stored(orthanc, query["study"], stored["report_uid"])
+    assert report.Modality == "SR" and report.StudyInstanceUID == query["study"]
+    assert report.PatientID == PATIENT  # the SR joins the query's own patient and study
+    texts = _sr_texts(report)
+    assert texts["Index version"] == [answer["index_version"]] and texts["Model version"] == [answer["model_version"]]
+    assert texts["Query series"] == [query["series"]]
+    assert texts["Query voxel (row, column, slice)"] == [", ".join(str(v) for v in query["voxel"])]
+    assert texts["Nodule ID"] == [hit["nodule_id"] for hit in answer["hits"]]
+    assert texts["Hamming distance"] == [float(hit["hamming"]) for hit in answer["hits"]]
+    assert texts["Feature distance"] == pytest.approx([hit["euclidean"] for hit in answer["hits"]], abs=1e-6)
+    first = answer["hits"][0]
+    assert len(texts["Reader 1 ratings"]) == len(answer["hits"]) and "subtlety" in texts["Reader 1 ratings"][0]
+    assert len([name for name in texts if name.startswith("Reader ") and name.endswith(" ratings")]) == len(
+        first["readers"]
+    )
+    sr = hd.sr.srread(_dicom_file(report))  # highdicom reads it back as a Comprehensive SR
+    assert sr.SOPInstanceUID == stored["report_uid"]
+
+    kos = _stored(orthanc, query["study"], stored["key_images_uid"])
+    assert kos.Modality == "KO"
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for study in kos.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    slices = load_series(query["folder"], PATIENT).sop_uids  # in ascending z, as the voxel's slice counts
+    assert first["nodule_id"] == QUERY and first["series_uid"] == query["series"]  # its own nodule: same series
+    same_series = {slices[hit["center_k"]] for hit in answer["hits"] if hit["series_uid"] == query["series"]}
+    assert referenced == {slices[query["voxel"][2]]} | same_series
+    assert len(referenced) == stored["key_images"]
+
+
 def test_the_cli_searches_a_pacs_series_as_its_folder(
     orthanc: OrthancServer, served_library: Path, query, capsys: pytest.CaptureFixture
 ) -> None:
@@ -102,6 +181,12 @@ def test_the_cli_searches_a_pacs_series_as_its_folder(
     assert from_pacs == from_folder and from_pacs[0]["nodule_id"] == QUERY
     assert main([*common, "--dicomweb", orthanc.dicomweb, "--study", query["study"]]) == 2
     assert "--dicomweb needs --study UID and --series UID" in capsys.readouterr().err
+    assert main([*common, "--dicom", str(query["folder"]), "--store-results"]) == 2
+    assert "--store-results" in capsys.readouterr().err
+    pacs_query = ["--dicomweb", orthanc.dicomweb, "--study", query["study"], "--series", query["series"]]
+    assert main([*common, *pacs_query, "--store-results"]) == 0
+    said = capsys.readouterr()
+    assert json.loads(said.out) == from_pacs and f"stored in study {query['study']}: report " in said.err
 
 
 def test_open_from_pacs_and_click_the_nodule(pacs_page: SearchServer, browser, query) -> None:
@@ -125,3 +210,5 @@ def test_open_from_pacs_and_click_the_nodule(pacs_page: SearchServer, browser, q
         expect(cards.first).to_contain_text(QUERY)
         expect_pictures_shown(page)
         page.screenshot(path=SCREENSHOTS / "05-open-from-pacs.png", full_page=True)
+        page.get_by_role("button", name="Store in PACS").click()
+        expect(page.locator("#stored")).to_contain_text("stored in the study: report ")

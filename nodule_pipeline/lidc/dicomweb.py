@@ -238,6 +238,15 @@ class Pacs:
                 return
             yield dataset
 
+    def instance_metadata(self, study_uid: str, series_uid: str, sop_uid: str) -> pydicom.Dataset:
+        """One instance's header (WADO-RS metadata, no pixels)."""
+        what = f"instance {shown_uid(sop_uid)}"
+        found = self._ask(
+            what, lambda: self.client.retrieve_instance_metadata(study_uid, series_uid, sop_uid), study_uid
+        )
+        header = {tag: value for tag, value in found.items() if "BulkDataURI" not in value}  # no pixels
+        return self._ask(what, lambda: pydicom.Dataset.from_json(header), study_uid)
+
     def store(self, datasets: Sequence[pydicom.Dataset], study_uid: str) -> None:
         """Store objects in a study (STOW-RS); a refusal of any of them is an error."""
         answer = self._ask("storing results", lambda: self.client.store_instances(list(datasets), study_uid), study_uid)

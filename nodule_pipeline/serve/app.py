@@ -31,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.searcher import MODES, NoduleSearcher, UnknownNoduleError, read_query_roi
 from nodule_pipeline.lidc.dicomweb import Pacs, PacsError
+from nodule_pipeline.pacs_results import store_results
 from nodule_pipeline.serve import library as describe
 from nodule_pipeline.serve.audit import AuditLog
 from nodule_pipeline.serve.library import Library, LibraryUnavailable
@@ -58,6 +59,7 @@ SEARCH_FIELDS = (
     "mode",
     "unit",
     "exclude_patient",
+    "store_results",
 )
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 """The page loads its own files only: nothing from elsewhere, even if an item's text held markup."""
@@ -273,13 +275,13 @@ async def search(request: Request) -> JSONResponse:
         asked = {key: str(payload[key])[:200] for key in ("nodule_id", "series_id", "dicomweb") if key in payload}
         request.state.audit = {"asked": asked or ("image" if "image" in payload else "?")}
     uploads: SeriesStore = request.app.state.uploads
-    pacs = (lambda: _pacs(request)) if isinstance(payload, dict) and "dicomweb" in payload else None
-    answer = await _with_searcher(request, lambda s: _search(s, uploads, payload, pacs))
+    pacs_url = request.app.state.dicomweb_url
+    answer = await _with_searcher(request, lambda s: _search(s, uploads, payload, pacs_url))
     return JSONResponse(_audit(request, answer))
 
 
 def _search(
-    searcher: NoduleSearcher, uploads: SeriesStore, payload: object, pacs: Callable[[], Pacs] | None = None
+    searcher: NoduleSearcher, uploads: SeriesStore, payload: object, pacs_url: str | None = None
 ) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise InputDataError("the request body must be a JSON object")
@@ -310,7 +312,7 @@ def _search(
     else:
         if "dicomweb" in payload:
             study_uid, series_uid = _pacs_series_uids(payload["dicomweb"])
-            series_id, uploaded = uploads.add_from_pacs(pacs(), study_uid, series_uid)
+            series_id, uploaded = uploads.add_from_pacs(_pacs_at(pacs_url), study_uid, series_uid)
         else:
             series_id, uploaded = payload["series_id"], uploads.get(payload["series_id"])
         response = searcher.search_series(
@@ -326,7 +328,14 @@ def _search(
         query = {"kind": "series", "series_id": series_id, "voxel": payload.get("voxel")}
         if uploaded.source is not None:
             query |= {"dicomweb": {"study": uploaded.source[1], "series": uploaded.source[2]}}
-    return describe.response_json(searcher, response, query)
+    answer = describe.response_json(searcher, response, query)
+    if payload.get("store_results"):
+        if query["kind"] != "series" or uploaded.source is None:
+            raise InputDataError("store_results needs a query on a series opened from the PACS (dicomweb)")
+        series = uploaded.series
+        voxel = payload.get("voxel") or series.voxel_at_mm(*payload["position_mm"])
+        answer["stored"] = store_results(_pacs_at(pacs_url), answer, series, voxel).to_json()
+    return answer
 
 
 async def search_upload(request: Request) -> JSONResponse:
@@ -374,11 +383,14 @@ async def series_upload(request: Request) -> JSONResponse:
 # --------------------------------------------------------------------------- the PACS (DICOMweb)
 
 
-def _pacs(request: Request) -> Pacs:
-    url = request.app.state.dicomweb_url
+def _pacs_at(url: str | None) -> Pacs:
     if not url:
         raise InputDataError("this server has no PACS: start it with serve --dicomweb URL")
     return Pacs(url)
+
+
+def _pacs(request: Request) -> Pacs:
+    return _pacs_at(request.app.state.dicomweb_url)
 
 
 def _pacs_series_uids(given: object) -> tuple[str, str]:

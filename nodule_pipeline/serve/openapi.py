@@ -23,14 +23,42 @@ def _errors(*statuses: int) -> dict[str, Any]:
     meaning = {
         400: "bad input, with the message `nodule-pipeline search` gives for it",
         401: "no token: sign in first (the server was started with a token)",
-        404: "no such nodule (or route)",
+        404: "no such nodule (or route), or no such study or series in the PACS",
         413: "the body is over its limit",
         415: "the body's content type is not one the endpoint takes",
+        502: "the PACS failed: unreachable, refused the server's credentials, or answered an error",
         503: "no hash index to search yet (or, for a series, two uploads already being read)",
     }
     return {str(status): _json(_ERROR, meaning[status]) for status in statuses}
 
 
+_DICOMWEB = {
+    "type": "object",
+    "description": "a CT series in the server's PACS (serve --dicomweb), fetched with WADO-RS",
+    "properties": {"study": {"type": "string"}, "series": {"type": "string"}},
+    "required": ["study", "series"],
+    "additionalProperties": False,
+}
+_PACS_STUDY = {
+    "type": "object",
+    "properties": {
+        "patient_id": {"type": "string"},
+        "study_uid": {"type": "string"},
+        "date": {"type": "string", "description": "YYYYMMDD"},
+        "description": {"type": "string"},
+        "modalities": {"type": "array", "items": {"type": "string"}},
+        "instances": {"type": "integer"},
+    },
+}
+_PACS_SERIES = {
+    "type": "object",
+    "properties": {
+        "series_uid": {"type": "string"},
+        "modality": {"type": "string"},
+        "instances": {"type": "integer"},
+        "description": {"type": "string"},
+    },
+}
 _K = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10, "description": "how many hits"}
 _MODE = {"type": "string", "enum": list(MODES), "default": "hierarchical", "description": "search stages"}
 _UNIT = {
@@ -196,7 +224,7 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                         "description": f"at most {json_limit:,} bytes",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}}},
                     },
-                    "responses": {**_SEARCH_RESPONSES, **_errors(400, 401, 413, 415, 503)},
+                    "responses": {**_SEARCH_RESPONSES, **_errors(400, 401, 404, 413, 415, 502, 503)},
                 }
             },
             "/api/search/upload": {
@@ -246,6 +274,54 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                     "responses": {**_PNG, **_errors(400)},
                 }
             },
+            "/api/pacs/studies": {
+                "get": {
+                    "summary": "the CT studies in the server's PACS (QIDO-RS), newest first",
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "properties": {"studies": {"type": "array", "items": _PACS_STUDY}}},
+                            "patient id, date, description, modalities and instance count of each study",
+                        ),
+                        **_errors(400, 401, 502),
+                    },
+                }
+            },
+            "/api/pacs/studies/{study_uid}/series": {
+                "get": {
+                    "summary": "a study's series in the PACS (CT ones can be opened)",
+                    "parameters": [
+                        {"name": "study_uid", "in": "path", "required": True, "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "properties": {"series": {"type": "array", "items": _PACS_SERIES}}},
+                            "series UID, modality, instance count and description of each series",
+                        ),
+                        **_errors(400, 401, 404, 502),
+                    },
+                }
+            },
+            "/api/pacs/series": {
+                "post": {
+                    "summary": "fetch a CT series from the PACS (WADO-RS) to query voxels of, as an uploaded zip",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"dicomweb": _DICOMWEB},
+                                    "required": ["dicomweb"],
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/Series"}, "the series id and shape"),
+                        **_errors(400, 401, 404, 502, 503),
+                    },
+                }
+            },
         },
         "components": {
             "securitySchemes": {
@@ -258,7 +334,7 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                 "Hit": HIT,
                 "SearchRequest": {
                     "type": "object",
-                    "description": "exactly one of image, nodule_id, series_id",
+                    "description": "exactly one of image, nodule_id, series_id, dicomweb",
                     "properties": {
                         "image": {
                             "type": "array",
@@ -267,19 +343,25 @@ def api_description(json_limit: int, roi_limit: int, series_limit: int) -> dict[
                         },
                         "nodule_id": {"type": "string", "description": "a library nodule; its own patient is left out"},
                         "series_id": {"type": "string", "description": "an uploaded series (POST /api/series)"},
+                        "dicomweb": _DICOMWEB,
+                        "store_results": {
+                            "type": "boolean",
+                            "description": "with a series from the PACS: store the answer in its study (DICOM SR "
+                            "and KOS, STOW-RS); the answer's `stored` names them",
+                        },
                         "voxel": {
                             "type": "array",
                             "items": {"type": "integer"},
                             "minItems": 3,
                             "maxItems": 3,
-                            "description": "with series_id: row, column, slice (slice in ascending z)",
+                            "description": "with series_id or dicomweb: row, column, slice (slice in ascending z)",
                         },
                         "position_mm": {
                             "type": "array",
                             "items": {"type": "number"},
                             "minItems": 3,
                             "maxItems": 3,
-                            "description": "with series_id, instead of voxel: x, y, z in patient mm",
+                            "description": "with series_id or dicomweb, instead of voxel: x, y, z in patient mm",
                         },
                         "k": _K,
                         "mode": _MODE,

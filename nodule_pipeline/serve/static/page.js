@@ -24,6 +24,7 @@ const SCALES = {
   },
 };
 let series = null; // the DICOM series being viewed (uploaded, or opened from the PACS)
+let lastQuery = null; // the last JSON search, asked again to store its answer in the PACS
 
 async function api(url, options = {}) {
   const response = await fetch(url, options);
@@ -148,6 +149,7 @@ async function search(request) {
 }
 
 function searchJson(query) {
+  lastQuery = query;
   return search(() =>
     api("/api/search", {
       method: "POST",
@@ -214,6 +216,10 @@ function hitCard(hit) {
 
 function render(answer) {
   const query = answer.query;
+  $("store").hidden = !query.dicomweb;
+  $("stored").textContent = answer.stored
+    ? `stored in the study: report ${answer.stored.report_uid}, key images ${answer.stored.key_images_uid}`
+    : "";
   const figure = $("query");
   figure.querySelector("img").src = query.picture;
   const predicted = LABELS[query.predicted_label];
@@ -374,6 +380,7 @@ function bind() {
   }
   $("slice-image").addEventListener("click", clickNodule);
   $("pacs-open").addEventListener("click", listPacsStudies);
+  $("store-results").addEventListener("click", () => lastQuery && searchJson({ ...lastQuery, store_results: true }));
   $("sign-in").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", signOut);
 }
