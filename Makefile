@@ -6,7 +6,7 @@ DATA_DIR ?= data
 DEMO_PATIENTS ?= 24
 REPORT ?= short
 
-.PHONY: demo ui test lint bench venv clean-data snapshot
+.PHONY: demo ui test lint bench gpu-bench venv clean-data snapshot
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ snapshot: venv  ## after a deliberate change of assets, checks, jobs, schedules 
 
 bench: venv  ## benchmarks (ingestion vs pylidc, search vs FAISS, training): bench-out/bench.{json,md}; BENCH=full adds 10^7 items
 	$(BIN)/nodule-pipeline bench --out bench-out $(if $(filter full,$(BENCH)),,--quick)
+
+gpu-bench: venv  ## the GPU path on a CUDA machine (ROIS=table.parquet): training, encoding and search figures in bench-out/gpu.json
+	mkdir -p bench-out
+	$(BIN)/python -m nodule_pipeline.benchmarks.gpu $(ROIS) --out bench-out/gpu.json
 
 lint: venv
 	$(BIN)/ruff check nodule_pipeline nodule_pipeline_tests
