@@ -242,6 +242,10 @@ def test_a_huge_study_is_refused_before_anything_is_fetched(
         monkeypatch.setattr(dicomweb, "MAX_STUDY_INSTANCES", 100)
         with pytest.raises(PacsError, match="more than the 100 a chest CT study may have"):
             dicomweb.cache_patient(pacs, FIRST, pacs.studies(), {}, tmp_path / "cache")
+        monkeypatch.setattr(dicomweb, "MAX_STUDY_INSTANCES", 10000)
+        monkeypatch.setattr(dicomweb, "MAX_VOLUME_BYTES", 64 << 20)  # 140 slices of 512 x 512 are 70 MiB
+        with pytest.raises(PacsError, match="would be a 70 MiB volume, more than the 64 MiB a CT series may be"):
+            dicomweb.cache_patient(pacs, FIRST, pacs.studies(), {}, tmp_path / "cache")
         assert not (tmp_path / "cache" / FIRST).exists()
 
 

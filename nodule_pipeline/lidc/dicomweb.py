@@ -154,6 +154,8 @@ class Pacs:
         study = f"study {shown_uid(study_uid)}: " if study_uid else ""
         try:
             return call()
+        except PacsError:
+            raise  # already a sentence (a paging or answer check)
         except requests.HTTPError as error:
             status = error.response.status_code if error.response is not None else None
             if status in (401, 403):
@@ -179,14 +181,13 @@ class Pacs:
             reason = f"the answer to {what} is not DICOMweb ({_short(error)}): is the URL the DICOMweb root?"
             raise PacsError(f"{study}{reason}", patient_id=patient_id, path=self.url) from None
 
-    def studies(self, patient_id: str | None = None) -> list[PacsStudy]:
-        """Every study the PACS holds (of one patient), oldest first."""
-        filters = {"PatientID": patient_id} if patient_id else {}
+    def studies(self) -> list[PacsStudy]:
+        """Every study the PACS holds, oldest first."""
         fields = ["StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedInstances"]
 
         def ask() -> list[dict]:
             search = self.client.search_for_studies
-            return _all_pages(lambda **page: search(search_filters=filters, fields=fields, **page), self.url, "studies")
+            return _all_pages(lambda **page: search(fields=fields, **page), self.url, "studies")
 
         studies = [
             PacsStudy(
@@ -371,8 +372,8 @@ def _check_series_size(series: PacsSeries, rows: list[dict], patient_id: str) ->
     pixels = sum(int(_value(r, "00280010", 0) or 0) * int(_value(r, "00280011", 0) or 0) for r in rows)
     if 2 * pixels > MAX_VOLUME_BYTES:
         raise PacsError(
-            f"{study} would be a {2 * pixels / 2**30:.1f} GiB volume, more than the "
-            f"{MAX_VOLUME_BYTES / 2**30:.0f} GiB a CT series may be: refused before fetching",
+            f"{study} would be a {2 * pixels / 2**20:,.0f} MiB volume, more than the "
+            f"{MAX_VOLUME_BYTES / 2**20:,.0f} MiB a CT series may be: refused before fetching",
             status=400,
             patient_id=patient_id,
         )
