@@ -24,8 +24,9 @@ from nodule_pipeline.errors import InputDataError, check_safe_key
 from nodule_pipeline.hashing.card import ModelArtefact
 from nodule_pipeline.hashing.index import MANIFEST as INDEX_MANIFEST
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest, save_index
-from nodule_pipeline.hashing.training import META_FILE as MODEL_META
-from nodule_pipeline.hashing.training import load_model, read_model_card, save_model
+from nodule_pipeline.hashing.model_files import META_FILE as MODEL_META
+from nodule_pipeline.hashing.model_files import read_model_card
+from nodule_pipeline.hashing.training import load_model, save_model
 from nodule_pipeline.lidc import dicomweb
 from nodule_pipeline.lidc.layout import find_patient_folders
 from nodule_pipeline.lidc.lung_mask import pack_mask, unpack_mask

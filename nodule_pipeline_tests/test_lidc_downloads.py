@@ -14,7 +14,8 @@ from dagster import RunsFilter
 from nodule_pipeline.assets.model import floor_verdict
 from nodule_pipeline.currency import latest_record, metadata_of
 from nodule_pipeline.hashing.index import load_index
-from nodule_pipeline.hashing.training import MIN_TRAINING_ROIS, PLACEHOLDER_EPOCHS, read_model_card
+from nodule_pipeline.hashing.model_files import read_model_card
+from nodule_pipeline.hashing.training import MIN_TRAINING_ROIS, PLACEHOLDER_EPOCHS
 from nodule_pipeline.resources import ScanSource, load_artefact
 from nodule_pipeline.runner import open_instance, run_pipeline
 from nodule_pipeline.storage import artefact_folder, artefacts_dir

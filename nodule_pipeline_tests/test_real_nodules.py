@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nodule_pipeline.hashing.codes import code_health
+from nodule_pipeline.hashing.codes import Encoded, code_health
 from nodule_pipeline.hashing.index import build_index
 from nodule_pipeline.hashing.metrics import reader_agreement
 from nodule_pipeline.hashing.network import NetworkConfig
 from nodule_pipeline.hashing.search import search_batch
-from nodule_pipeline.hashing.training import Encoded, TrainConfig, encode, train_hash_model
+from nodule_pipeline.hashing.training import TrainConfig, encode, train_hash_model
 from nodule_pipeline.roi_table import SPLIT_COLUMN, TEST, TRAIN, assign_split, read_roi_table, roi_images
 
 EPOCHS = 8

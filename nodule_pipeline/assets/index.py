@@ -68,7 +68,7 @@ def example_pictures(index, model, queries: pd.DataFrame, k: int = 6) -> str:
 
 @asset(
     group_name="hashing",
-    code_version="3",  # 3: the far-query reference stored with the index
+    code_version="4",  # 4: the model's class and rating predictions per item, for searches by a library nodule
     kinds={"numpy"},
     pool=INDEX_POOL,
     automation_condition=WHEN_DATASET_OR_MODEL_CHANGES,
@@ -94,6 +94,8 @@ def hash_index(
         model_version=hash_model.model_version,
         predicted=encoded.predicted,
         rois=images,
+        probs=encoded.probs,
+        predicted_ratings=encoded.ratings,
         lineage={
             "data_version": data_version,
             "database": config.database,

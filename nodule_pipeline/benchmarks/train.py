@@ -187,7 +187,7 @@ def _asset_run(table: pd.DataFrame, config: dict[str, Any], base: Path) -> dict[
     from dagster import BetaWarning, DagsterInstance, PreviewWarning, SourceAsset, materialize
 
     from nodule_pipeline.assets.model import hash_model
-    from nodule_pipeline.hashing.training import read_model_card
+    from nodule_pipeline.hashing.model_files import read_model_card
     from nodule_pipeline.resources import ArtefactIOManager
     from nodule_pipeline.roi_table import write_roi_table
     from nodule_pipeline.storage import ROI_TABLE_FILE, artefact_folder

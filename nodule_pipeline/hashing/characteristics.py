@@ -26,10 +26,14 @@ leaves the block out; a pair sharing no rating has no rating distance (NaN).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from nodule_pipeline.hashing.metrics import LIDC_SCALES, RATING_NAMES
+
+if TYPE_CHECKING:  # the training terms take tensors; searching by a library nodule needs no torch
+    import torch
 
 
 def _blocks() -> list[tuple[str, int, int]]:
@@ -119,6 +123,8 @@ def rating_similarity(encoded: torch.Tensor, same_label: torch.Tensor) -> torch.
     """(B, B) graded similarity of a batch's nodules for the pairwise term: ``same_label`` times
     one minus their rating distance (the report's graded gain); pairs sharing no rating keep the
     binary label match, so a table without characteristics trains as with labels alone."""
+    import torch
+
     summed = torch.zeros(len(encoded), len(encoded), device=encoded.device, dtype=same_label.dtype)
     shared = torch.zeros_like(summed)
     for (_, start, levels), distance in zip(BLOCKS, LEVEL_DISTANCES, strict=True):
@@ -134,12 +140,16 @@ def rating_similarity(encoded: torch.Tensor, same_label: torch.Tensor) -> torch.
 
 def rating_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """The rating head's (B, 45) logits as a softmax over each rating's levels."""
+    import torch
+
     return torch.cat([torch.softmax(logits[:, s : s + n].float(), dim=1) for _, s, n in BLOCKS], dim=1)
 
 
 def rating_loss(logits: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the rating head against the readers' blocks, averaged over the ratings
     present (0 when none is): each rating a small classification over its levels."""
+    import torch
+
     total = logits.sum() * 0
     count = 0
     for _, start, levels in BLOCKS:

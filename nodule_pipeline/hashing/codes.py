@@ -1,4 +1,5 @@
-"""Binary hash codes packed 8 bits to a byte, the form the index stores and compares.
+"""Binary hash codes packed 8 bits to a byte, the form the index stores and compares, and the
+network's outputs per ROI (:class:`Encoded`: codes, features, class and rating predictions).
 
 Bit order is big-endian within a byte (``np.packbits`` default): code bit ``j`` is bit
 ``7 - j % 8`` of byte ``j // 8``. Hamming distance does not depend on the order, but a stored
@@ -6,6 +7,8 @@ index must be unpacked with the same rule, so it is fixed here in one place.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -79,3 +82,17 @@ def code_health(codes: np.ndarray, labels: np.ndarray) -> dict[str, float | int]
         "intra_class_hamming": intra_sum / intra_pairs if intra_pairs else None,
         "inter_class_hamming": inter_sum / inter_pairs if inter_pairs else None,
     }
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Per ROI: ``codes`` (n, bits) bool (h > 0.5), ``fc`` (n, fc_dim) float32 features,
+    ``probs`` (n, classes) float32 softmax, ``predicted`` (n,) int8 argmax class, ``ratings``
+    (n, 45) float32 the rating head's distribution over each rating's levels (None for a model
+    without one)."""
+
+    codes: np.ndarray
+    fc: np.ndarray
+    probs: np.ndarray
+    predicted: np.ndarray
+    ratings: np.ndarray | None = None

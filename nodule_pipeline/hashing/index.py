@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from nodule_pipeline.hashing.codes import pack_codes
+from nodule_pipeline.hashing.codes import Encoded, pack_codes, unpack_codes
 from nodule_pipeline.storage import reads_folder, replace_dir
 
 FORMAT_VERSION = 1
@@ -39,6 +39,11 @@ LABELS_FILE = "labels.npy"
 PREDICTED_FILE = "predicted.npy"
 ITEMS_FILE = "items.parquet"
 ROIS_FILE = "rois.npy"
+PROBS_FILE = "probs.npy"
+RATINGS_FILE = "predicted_ratings.npy"
+_OPTIONAL_FILES = {"rois": ROIS_FILE, "probs": PROBS_FILE, "predicted_ratings": RATINGS_FILE}
+"""The index's optional arrays (field -> file), absent from indexes built without them."""
+"""The index's optional arrays (field -> file): absent in indexes built without them."""
 _DATA_FILES = (CODES_FILE, FC_FILE, LABELS_FILE, PREDICTED_FILE, ITEMS_FILE)
 ROI_DTYPES = (np.dtype(np.int16), np.dtype(np.float32))
 """How library ROIs are stored: int16 for whole HU, float32 for anything else."""
@@ -66,6 +71,8 @@ class HashIndex:
     index_version: str  # content hash (see compute_index_version), named in every search result
     format_version: int = FORMAT_VERSION
     rois: np.ndarray | None = None  # (n, 32, 32) as read (see _library_rois): pictures and search by nodule
+    probs: np.ndarray | None = None  # float32 (n, classes): the model's class probabilities per item
+    predicted_ratings: np.ndarray | None = None  # float16 (n, 45): its rating head's, for a model with one
     lineage: dict[str, Any] = field(default_factory=dict)  # what it was built from (data version, patients)
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -92,6 +99,25 @@ class HashIndex:
             raise ValueError(f"rois must be ({n}, h, w), got {self.rois.shape}")
         if self.rois is not None and self.rois.dtype not in ROI_DTYPES:
             raise ValueError(f"rois must be int16 or float32, got {self.rois.dtype}")
+        for name, array in (("probs", self.probs), ("predicted_ratings", self.predicted_ratings)):
+            if array is not None and (array.ndim != 2 or array.shape[0] != n):
+                raise ValueError(f"{name} must have {n} rows, got {array.shape}")
+
+    def encoded(self, row: int) -> Encoded | None:
+        """What the model made of item ``row``, as a query by it needs (codes and features as
+        stored): so a library nodule is searched without the network. None for an index that does
+        not keep the model's class probabilities."""
+        if self.probs is None:
+            return None
+        rows = slice(row, row + 1)
+        ratings = self.predicted_ratings
+        return Encoded(
+            codes=unpack_codes(self.codes[rows], self.bits),
+            fc=np.asarray(self.fc[rows], dtype=np.float32),
+            probs=np.asarray(self.probs[rows], dtype=np.float32),
+            predicted=np.asarray(self.predicted[rows], dtype=np.int8),
+            ratings=None if ratings is None else np.asarray(ratings[rows], dtype=np.float32),
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -111,6 +137,8 @@ def build_index(
     predicted: np.ndarray | None = None,
     rois: np.ndarray | None = None,
     lineage: dict[str, Any] | None = None,
+    probs: np.ndarray | None = None,
+    predicted_ratings: np.ndarray | None = None,
 ) -> HashIndex:
     """Validate and assemble an index from the model's outputs on the database split.
 
@@ -120,6 +148,9 @@ def build_index(
     (unknown). ``rois`` (optional) are kept with their values as read (:func:`_library_rois`) for
     result pictures and search by nodule; they are not part of the content hash. ``lineage``
     (JSON-ready) is stored in the manifest: the data version and patients the database came from.
+    ``probs`` and ``predicted_ratings`` (the model's class probabilities and rating distributions
+    per item) let a library nodule be searched without the network; like ``rois`` they follow from
+    the model and the items, so they are not part of the content hash.
     """
     codes = np.asarray(codes)
     if codes.ndim != 2:
@@ -175,7 +206,15 @@ def build_index(
         index_version=version,
         rois=None if rois is None else _library_rois(rois),
         lineage=dict(lineage or {}),
+        probs=None if probs is None else _read_only(np.asarray(probs, dtype=np.float32)),
+        predicted_ratings=None if predicted_ratings is None else _read_only(_features_float16(predicted_ratings)),
     )
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array = np.array(array, copy=True)
+    array.flags.writeable = False
+    return array
 
 
 def _library_rois(rois: np.ndarray) -> np.ndarray:
@@ -274,8 +313,9 @@ def save_index(index: HashIndex, folder: Path | str) -> Path:
         np.save(tmp / LABELS_FILE, np.ascontiguousarray(index.labels), allow_pickle=False)
         np.save(tmp / PREDICTED_FILE, np.ascontiguousarray(index.predicted), allow_pickle=False)
         index.items.to_parquet(tmp / ITEMS_FILE, index=False)
-        if index.rois is not None:
-            np.save(tmp / ROIS_FILE, np.ascontiguousarray(index.rois), allow_pickle=False)
+        for field_name, name in _OPTIONAL_FILES.items():
+            if getattr(index, field_name) is not None:
+                np.save(tmp / name, np.ascontiguousarray(getattr(index, field_name)), allow_pickle=False)
         labels, counts = np.unique(index.labels, return_counts=True)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -355,9 +395,12 @@ def load_index(folder: Path | str, mmap: bool = True, verify: bool = False) -> H
             model_version=str(manifest.get("model_version", "")),
             index_version=str(manifest.get("index_version", "")),
             lineage=manifest.get("lineage", {}),
-            rois=np.load(folder / ROIS_FILE, mmap_mode=mode, allow_pickle=False)
-            if (folder / ROIS_FILE).is_file()
-            else None,
+            **{
+                field_name: np.load(folder / name, mmap_mode=mode, allow_pickle=False)
+                if (folder / name).is_file()
+                else None
+                for field_name, name in _OPTIONAL_FILES.items()
+            },
         )
     except (TypeError, ValueError) as exc:
         raise IndexFormatError(f"hash index folder {folder} is inconsistent: {exc}") from exc

@@ -13,7 +13,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from nodule_pipeline import privacy
 from nodule_pipeline.errors import InputDataError
 from nodule_pipeline.hashing.characteristics import most_likely
+from nodule_pipeline.hashing.codes import Encoded
 from nodule_pipeline.hashing.index import HashIndex, load_index, read_manifest
+from nodule_pipeline.hashing.model_files import read_model_card
 from nodule_pipeline.hashing.query_checks import QueryWarning, distance_warnings, image_warnings, outside_lungs_warning
 from nodule_pipeline.hashing.search import (
     TIE_KEY_COLUMNS,
@@ -36,7 +38,6 @@ from nodule_pipeline.hashing.search import (
     search,
     search_batch,
 )
-from nodule_pipeline.hashing.training import Encoded, TrainedModel, encode, load_model, read_model_card
 from nodule_pipeline.lidc.diagnosis import diagnosis_json
 from nodule_pipeline.lidc.lung_mask import segment_lungs
 from nodule_pipeline.lidc.rois import roi_at
@@ -232,20 +233,29 @@ def check_position(values: object, voxel: bool, source: str) -> tuple:
     return tuple(float(v) for v in parts)
 
 
+if TYPE_CHECKING:  # torch comes with the model, loaded only by a query that needs the network
+    from nodule_pipeline.hashing.training import TrainedModel
+
+
 class UnknownNoduleError(InputDataError):
     """A nodule id the index does not hold."""
 
 
 class NoduleSearcher:
-    """A trained hashing model and the index built with it."""
+    """A trained hashing model and the index built with it. The model may be given as the folder
+    it is saved in (``model_dir``): it is loaded, with torch, by the first query that needs the
+    network; a query by a library nodule uses what the index holds of it and needs none."""
 
-    def __init__(self, model: TrainedModel, index: HashIndex, model_version: str):
+    def __init__(self, model: TrainedModel | None, index: HashIndex, model_version: str, model_dir: Path | None = None):
         if index.model_version != model_version:
             raise InputDataError(
                 f"the index was built with model {index.model_version} but the model is {model_version}: "
                 "materialize hash_index again"
             )
-        self.model, self.index, self.model_version = model, index, model_version
+        if model is None and model_dir is None:
+            raise ValueError("give the model or the folder it is saved in")
+        self._model, self._model_dir = model, model_dir
+        self.index, self.model_version = index, model_version
         self._nodule_rows: dict[str, np.ndarray] | None = None
         self.nodule_of_row = nodule_of_rows(index)
         self._rows_per_nodule = rows_for_nodules(self.nodule_of_row, 1)  # once, not per query
@@ -260,7 +270,16 @@ class NoduleSearcher:
             if not folder.is_dir():
                 raise InputDataError(f"no hash {what} here (materialize hash_model and hash_index first)", path=folder)
         card = read_model_card(model_dir).get("card", {})
-        return cls(load_model(model_dir), load_index(index_dir), str(card.get("model_version", "")))
+        return cls(None, load_index(index_dir), str(card.get("model_version", "")), model_dir=model_dir)
+
+    @property
+    def model(self) -> TrainedModel:
+        """The network, loaded from its folder the first time a query needs it."""
+        if self._model is None:
+            from nodule_pipeline.hashing.training import load_model
+
+            self._model = load_model(self._model_dir)
+        return self._model
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> NoduleSearcher:
@@ -312,7 +331,17 @@ class NoduleSearcher:
         library), or the k most similar reader annotations with ``unit="annotation"``."""
         self._check_options(k, mode, unit)
         roi = check_query_image(image, source)
-        encoded = encode(self.model, roi[None])
+        return self._respond(roi, self._encode(roi[None]), k, mode, exclude_patient, unit)
+
+    def _encode(self, images: np.ndarray) -> Encoded:
+        from nodule_pipeline.hashing.training import encode
+
+        return encode(self.model, images)
+
+    def _respond(
+        self, roi: np.ndarray, encoded: Encoded, k: int, mode: str, exclude_patient: str | None, unit: str
+    ) -> SearchResponse:
+        """The search of one encoded query, its warnings and what the network thinks of it."""
         predicted = int(encoded.predicted[0])
         hits = search(
             self.index,
@@ -380,7 +409,10 @@ class NoduleSearcher:
         if self.index.rois is None:
             raise InputDataError(f"index {self.index.index_version} keeps no ROIs to search with; query with an image")
         patient = str(self.index.items["patient_id"].iloc[row])
-        return self.search_roi(self.index.rois[row], k, mode, exclude_patient=patient, source=nodule_id, unit=unit)
+        stored = self.index.encoded(row)
+        if stored is None:  # an index from before it kept the model's outputs: ask the network
+            return self.search_roi(self.index.rois[row], k, mode, exclude_patient=patient, source=nodule_id, unit=unit)
+        return self._respond(np.asarray(self.index.rois[row], dtype=np.float32), stored, k, mode, patient, unit)
 
     def search_many(
         self,
@@ -396,7 +428,7 @@ class NoduleSearcher:
         ``classes``: the hierarchical mode's gate, the predicted classes unless given (the true
         labels give the evaluation its within-class ranking)."""
         self._check_options(k, mode, unit)
-        encoded = encode(self.model, images)
+        encoded = self._encode(images)
         result = search_batch(
             self.index,
             encoded.codes,

@@ -39,14 +39,11 @@ from nodule_pipeline.hashing.characteristics import (
     has_ratings,
     rating_probabilities,
 )
+from nodule_pipeline.hashing.codes import Encoded
+from nodule_pipeline.hashing.model_files import FORMAT, META_FILE, WEIGHTS_FILE, read_model_card
 from nodule_pipeline.hashing.network import HashNet, NetworkConfig, NormalisationStats, normalise_rois
 from nodule_pipeline.hashing.objective import ObjectiveWeights, hashing_objective
 from nodule_pipeline.storage import reads_folder, replace_dir
-
-WEIGHTS_FILE = "weights.pt"
-META_FILE = "model.json"
-FORMAT = "nodule_pipeline.hash_model/1"
-
 
 LR_SCHEDULES = ("one_cycle", "constant")
 RECIPES = ("default", "paper")
@@ -260,20 +257,6 @@ class TrainedModel:
         """:attr:`config` as it trained: ``validation_fraction`` 0 where no validation split was
         carved out (too few patients), which trains exactly as the fraction asked for did."""
         return self.config if self.validated else replace(self.config, validation_fraction=0.0)
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Per ROI: ``codes`` (n, bits) bool (h > 0.5), ``fc`` (n, fc_dim) float32 features,
-    ``probs`` (n, classes) float32 softmax, ``predicted`` (n,) int8 argmax class, ``ratings``
-    (n, 45) float32 the rating head's distribution over each rating's levels (None for a model
-    without one)."""
-
-    codes: np.ndarray
-    fc: np.ndarray
-    probs: np.ndarray
-    predicted: np.ndarray
-    ratings: np.ndarray | None = None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -644,17 +627,6 @@ def save_model(model: TrainedModel, folder: Path, card: dict[str, Any] | None = 
         (tmp / META_FILE).write_text(json.dumps({**meta, "weights_sha256": checksum}, indent=2))
 
     replace_dir(folder, fill)
-
-
-def read_model_card(folder: Path) -> dict[str, Any]:
-    """The ``model.json`` of a saved model (no weights loaded)."""
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no saved hash model here")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    return meta
 
 
 @reads_folder
