@@ -145,6 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.out, args.all = str(lidc_root), False
     cmd_demo_data(args)
     args.lidc_root, args.patients, args.diagnosis = str(lidc_root), None, None
+    args.dicomweb = args.annotations = None  # the demo's scans are folders
     return cmd_run(args)
 
 

@@ -72,3 +72,12 @@ def test_export_before_run_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
 def test_run_on_a_wrong_path_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", "--lidc-root", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)]) == 2
     assert "scan root folder not found" in capsys.readouterr().err
+
+
+def test_demo_generates_its_scans_and_runs_the_chain(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`make demo`'s command, on three demo patients: the scans are generated, then run as a folder."""
+    argv = ["demo", "--data-dir", str(tmp_path), "--patients", "3", "--report", "none", "--epochs", "1"]
+    assert main([*argv, "--accuracy-floor", "0"]) == 0
+    said = capsys.readouterr().out
+    assert "3 demo patients in" in said and "patients: 3 ok, 0 failed" in said
+    assert (tmp_path / "lidc").is_dir() and (artefacts_dir(tmp_path) / "hash_index").is_dir()
