@@ -220,10 +220,6 @@ class ScanSource(ConfigurableResource):
             )
         return folders[patient_id]
 
-    def list_patients(self) -> list[str]:
-        """Partition keys of the patients the source holds (sorted)."""
-        return sorted(self.pacs_patients() if self.is_pacs else self.patient_folders())
-
     def watch(self) -> dict[str, Watched]:
         """Every patient as the new-scan watcher sees it (see :mod:`nodule_pipeline.arrivals`)."""
         if not self.is_pacs:
@@ -240,15 +236,6 @@ class ScanSource(ConfigurableResource):
             key: Watched(dicomweb.patient_signature(studies), False, lambda key=key: fingerprint(key))
             for key, studies in patients.items()
         }
-
-    def fingerprint(self, patient_id: str) -> str:
-        """The content fingerprint of what the source holds of a patient now."""
-        if not self.is_pacs:
-            return content_fingerprint(self.patient_dir(patient_id))
-        watched = self.watch()
-        if patient_id not in watched:
-            raise InputDataError("no CT study of this patient in the PACS", patient_id=patient_id, path=self.where)
-        return watched[patient_id].fingerprint()
 
     def fetch_patient(self, patient_id: str) -> LocalPatient:
         """The patient's scans on local disk, fetched from the PACS (complete series only, not

@@ -41,6 +41,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 import nodule_pipeline
 from nodule_pipeline import privacy
+from nodule_pipeline.arrivals import Watched
 from nodule_pipeline.assets.model import ACCURACY_FLOOR
 from nodule_pipeline.assets.study import STUDY_FOLDER
 from nodule_pipeline.currency import (
@@ -56,7 +57,7 @@ from nodule_pipeline.hashing.report import REPORT_JSON
 from nodule_pipeline.ingest_summary import PatientIngest, summarise_ingestion
 from nodule_pipeline.lidc.diagnosis import find_diagnosis_sheet, sheet_fingerprint
 from nodule_pipeline.partitions import patients_partitions
-from nodule_pipeline.resources import ScanSource, default_diagnosis_sheet, remember_scan_source, scan_source_for
+from nodule_pipeline.resources import default_diagnosis_sheet, remember_scan_source, scan_source_for
 from nodule_pipeline.storage import artefact_folder, artefacts_dir, owner_died, owner_tag, reports_dir
 
 PROGRESS_RUN_CONFIG = {"loggers": {"progress": {}}}
@@ -230,14 +231,15 @@ def close_orphaned_runs(instance: DagsterInstance) -> int:
 
 
 def patient_is_current(
-    instance: DagsterInstance, defs: Definitions, data_dir: Path, patient_id: str, scans: ScanSource
+    instance: DagsterInstance, defs: Definitions, data_dir: Path, patient_id: str, source: Watched
 ) -> bool:
-    """Every per-patient asset is materialized, stored and current, from the same source files."""
+    """Every per-patient asset is materialized, stored and current, from the same source files
+    (``source``: the patient as the scan source holds it now)."""
     artefacts = artefacts_dir(data_dir)
     for name in INGESTION_ASSET_NAMES:
         if not is_current(instance, defs, artefact_folder(artefacts, [name], patient_id), name, patient_id):
             return False
-    return ingested_fingerprint(instance, patient_id) == scans.fingerprint(patient_id)
+    return ingested_fingerprint(instance, patient_id) == source.fingerprint()
 
 
 def stale_library(
@@ -324,7 +326,8 @@ def run_pipeline(
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     scans = scan_source_for(data_dir, lidc_root, diagnosis_sheet, dicomweb_url, annotations_dir)
-    available = scans.list_patients()
+    watched = scans.watch()  # one listing of the source for the run (a PACS: one QIDO study search)
+    available = sorted(watched)
     wanted = [_partition_key(p, available) for p in patients] if patients else available
     outcomes: list[PatientOutcome] = []
     runnable = []
@@ -354,7 +357,7 @@ def run_pipeline(
     tags = {RUNNER_TAG: owner_tag()}
     for number, patient_id in enumerate(runnable, start=1):
         prefix = f"[{number:>{len(str(len(runnable)))}}/{len(runnable)}] {patient_id}"
-        if not rerun and patient_is_current(instance, defs, data_dir, patient_id, scans):
+        if not rerun and patient_is_current(instance, defs, data_dir, patient_id, watched[patient_id]):
             metadata = _short_values(metadata_of(latest_record(instance, "nodule_rois", patient_id)))
             scan = _short_values(metadata_of(latest_record(instance, "lidc_scan", patient_id)))
             outcomes.append(PatientOutcome(patient_id, True, 0.0, metadata, skipped=True, scan=scan))
