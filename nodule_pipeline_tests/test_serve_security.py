@@ -91,6 +91,7 @@ CROSS_SITE = {
     "/api/search/upload?filename=roi.png": ("text/plain", "image/jpeg", "multipart/form-data; boundary=x"),
     "/api/series?filename=s.zip": ("text/plain", "application/x-www-form-urlencoded"),
     "/api/session": ("text/plain",),
+    "/api/pacs/series": ("text/plain", "application/x-www-form-urlencoded"),
 }
 
 

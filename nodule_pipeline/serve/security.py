@@ -50,6 +50,7 @@ CONTENT_TYPES = {
     "/api/session": ("application/json",),
     "/api/series": ("application/zip", "application/x-zip-compressed", "application/octet-stream"),
     "/api/search/upload": ("application/octet-stream", "image/png"),
+    "/api/pacs/series": ("application/json",),
 }
 """The content types each POST takes; anything else is a 415 (a cross-site form or text/plain
 POST needs no preflight, so it must not be able to act)."""
@@ -195,14 +196,20 @@ def loggable_path(path: str) -> str:
 def audited_action(method: str, path: str) -> str | None:
     """What the audit log calls a request, None for those it leaves out (the page, pictures)."""
     if method == "POST":
-        return {"/api/search": "search", "/api/search/upload": "search", "/api/series": "series upload"}.get(
-            path, "sign in" if path == "/api/session" else None
-        )
+        posts = {
+            "/api/search": "search",
+            "/api/search/upload": "search",
+            "/api/series": "series upload",
+            "/api/pacs/series": "pacs series open",
+        }
+        return posts.get(path, "sign in" if path == "/api/session" else None)
     parts = path.split("/")
     if method == "GET" and len(parts) == 4 and parts[1:3] == ["api", "nodules"]:
         return "nodule view"
     if method == "GET" and path == "/api/nodules":
         return "nodule list"
+    if method == "GET" and path.startswith("/api/pacs/"):  # the PACS's patient ids and studies
+        return "pacs list"
     return None
 
 
